@@ -1,0 +1,149 @@
+"""The admin dashboard: FastAPI app factory, server-rendered pages and a JSON API over the database."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from service.core.models import Job
+from service.core.settings import Settings
+from service.core.status import JobStatus
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+class StageTimes(BaseModel):
+    received_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_wait_s: float | None
+    run_s: float | None
+    total_s: float | None
+
+
+class DeliveryOut(BaseModel):
+    ae_title: str
+    kind: str
+    status: str
+    attempts: int
+    delivered_at: datetime | None
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    reason_code: str | None
+    calling_ae_title: str | None
+    bundle_version: str | None
+    attempts: int
+    created_at: datetime
+    stages: StageTimes
+    deliveries: list[DeliveryOut]
+
+
+class JobDetailOut(JobOut):
+    result: dict[str, Any] | None
+
+
+class JobPage(BaseModel):
+    total: int
+    items: list[JobOut]
+
+
+def _seconds(a: datetime | None, b: datetime | None) -> float | None:
+    return round((b - a).total_seconds(), 3) if a and b else None
+
+
+def _job_out(job: Job, detail: bool = False) -> JobOut:
+    stages = StageTimes(
+        received_at=job.received_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        queue_wait_s=_seconds(job.queued_at, job.started_at),
+        run_s=_seconds(job.started_at, job.finished_at),
+        total_s=_seconds(job.received_at, job.finished_at),
+    )
+    fields: dict[str, Any] = {
+        "id": job.id,
+        "status": JobStatus(job.status),
+        "reason_code": job.reason_code,
+        "calling_ae_title": job.calling_ae_title,
+        "bundle_version": job.bundle_version,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "stages": stages,
+        "deliveries": [
+            DeliveryOut(ae_title=d.ae_title, kind=d.kind, status=d.status, attempts=d.attempts,
+                        delivered_at=d.delivered_at)
+            for d in job.deliveries
+        ],
+    }
+    if detail:
+        return JobDetailOut(**fields, result=job.result)
+    return JobOut(**fields)
+
+
+def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
+    app = FastAPI(title="cxr-gateway", version="0.1.0")
+
+    def db() -> Any:
+        with sessions() as session:
+            yield session
+
+    DB = Annotated[Session, Depends(db)]
+
+    def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: int) -> JobPage:
+        stmt = select(Job).options(selectinload(Job.deliveries))
+        count = select(func.count()).select_from(Job)
+        if status is not None:
+            stmt = stmt.where(Job.status == status)
+            count = count.where(Job.status == status)
+        jobs = session.scalars(stmt.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+        return JobPage(total=session.scalar(count) or 0, items=[_job_out(j) for j in jobs])
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/jobs", response_model=JobPage, tags=["jobs"])
+    def api_jobs(
+        session: DB,
+        status: JobStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> JobPage:
+        return list_jobs(session, status, limit, offset)
+
+    @app.get("/api/jobs/{job_id}", response_model=JobDetailOut, tags=["jobs"])
+    def api_job(job_id: str, session: DB) -> JobOut:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise HTTPException(status_code=404, detail="job not found")
+        return _job_out(job, detail=True)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def jobs_page(
+        request: Request,
+        session: DB,
+        status: JobStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> HTMLResponse:
+        page = list_jobs(session, status, limit, offset)
+        return TEMPLATES.TemplateResponse(
+            request,
+            "jobs.html",
+            {"page": page, "status": status, "statuses": list(JobStatus), "limit": limit, "offset": offset},
+        )
+
+    return app

@@ -1,0 +1,45 @@
+"""Job state transitions, each with its timestamp and an event row, shared by every process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from service.core.models import Job, JobEvent
+from service.core.status import JobStatus
+
+_TIMESTAMP_COLUMN = {
+    JobStatus.QUEUED: "queued_at",
+    JobStatus.RUNNING: "started_at",
+    JobStatus.DONE: "finished_at",
+    JobStatus.FAILED: "finished_at",
+    JobStatus.SKIPPED: "finished_at",
+}
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    to: JobStatus,
+    *,
+    expected: Iterable[JobStatus] | None = None,
+    reason_code: str | None = None,
+    reason_detail: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Move a job to ``to`` if it is in one of ``expected`` (any state when None); True if it moved."""
+    now = now or datetime.now(UTC)
+    values: dict[str, object] = {"status": to, "reason_code": reason_code, "reason_detail": reason_detail}
+    column = _TIMESTAMP_COLUMN.get(to)
+    if column:
+        values[column] = now
+    stmt = update(Job).where(Job.id == job_id)
+    if expected is not None:
+        stmt = stmt.where(Job.status.in_([str(s) for s in expected]))
+    moved = session.execute(stmt.values(**values)).rowcount > 0
+    if moved:
+        session.add(JobEvent(job_id=job_id, status=to, reason_code=reason_code, at=now))
+    return moved

@@ -1,0 +1,25 @@
+"""Alembic environment: runs migrations with the URL handed over by ``service.core.db.migrate``."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from service.core.db import make_engine
+from service.core.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_online() -> None:
+    url = config.get_main_option("sqlalchemy.url")
+    assert url is not None
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+run_migrations_online()

@@ -1,0 +1,147 @@
+"""Database models: the database, not the broker, is the source of truth for every job."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from service.core.status import DeliveryStatus, JobStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite would otherwise hand back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime()}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # PHI lives only here (and in the spooled files); it is never logged or put in URLs.
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.created_at")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    spool_path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.RECEIVED, index=True)
+    reason_code: Mapped[str | None] = mapped_column(String(40))
+    reason_detail: Mapped[str | None] = mapped_column(Text)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    bundle_version: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
+
+
+class JobEvent(Base):
+    """Every status transition with its time: stage latencies come from these rows."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason_code: Mapped[str | None] = mapped_column(String(40))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Delivery(Base):
+    """One output object to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid", "ae_title", "host", "port"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # "sr" | "sc"
+    output_path: Mapped[str] = mapped_column(Text)  # relative to the output dir
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")

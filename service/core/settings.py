@@ -1,0 +1,123 @@
+"""One Settings object for every process: env vars prefixed ``CXR_`` and an optional TOML file.
+
+Precedence (highest first): explicit keyword arguments, environment, TOML file, defaults.
+Settings are built once at process start and passed in; nothing reads them globally.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
+
+
+class Destination(BaseModel):
+    """A DICOM peer that receives results by C-STORE."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        v = v.strip()
+        if not v or "\\" in v:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return v
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+            # Accept both a flat file and one with a [cxr] table.
+            self._data = dict(raw.get("cxr", raw))
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".cxr-data"), description="Spool, outputs, SQLite database and broker")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    broker_url: str | None = Field(default=None, description="Celery broker; default filesystem broker in data_dir")
+
+    listener_ae_title: str = "CXR_GATEWAY"
+    listener_host: str = "0.0.0.0"
+    listener_port: int = 11112
+    study_quiet_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
+    max_associations: int = Field(default=16, ge=1)
+
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8080
+
+    model_bundle: Path = DEFAULT_BUNDLE
+    destinations: list[Destination] = Field(default_factory=list)
+    sender_ae_title: str = "CXR_GATEWAY"
+    uid_prefix: str = Field(default="1.2.826.0.1.3680043.10.1453.", description="Root for output UIDs")
+
+    worker_concurrency: int = Field(default=1, ge=1)
+    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    delivery_max_retries: int = Field(default=5, ge=0)
+    delivery_retry_base_seconds: float = Field(default=5.0, ge=0.0)
+
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _CONFIG_PATH.get("path")
+        return (init_settings, env_settings, _TomlSource(settings_cls, toml_path))
+
+    # Derived locations -------------------------------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'cxr.sqlite').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+_CONFIG_PATH: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build Settings from defaults, an optional TOML file, the environment and overrides."""
+    _CONFIG_PATH["path"] = Path(config) if config else None
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_PATH["path"] = None

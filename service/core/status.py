@@ -1,0 +1,48 @@
+"""Explicit states and reason codes shared by the listener, the worker and the dashboard."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_JOB_STATUSES
+
+
+FINAL_JOB_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.SKIPPED})
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    DEAD_LETTER = "dead_letter"
+
+
+class ReasonCode(StrEnum):
+    """Coded reasons for failed or skipped jobs and per-image gate decisions."""
+
+    NO_IMAGES = "no_images"
+    NOT_IMAGE_OBJECT = "not_image_object"
+    UNSUPPORTED_MODALITY = "unsupported_modality"
+    NOT_CHEST = "not_chest"
+    NOT_FRONTAL = "not_frontal"
+    NOT_2D_GREY = "not_2d_grey"
+    TOO_SMALL = "too_small"
+    PIXEL_DECODE_ERROR = "pixel_decode_error"
+    PIXEL_MODULE_INCONSISTENT = "pixel_module_inconsistent"
+    SPOOL_FILE_MISSING = "spool_file_missing"
+    INFERENCE_ERROR = "inference_error"
+    OUTPUT_BUILD_ERROR = "output_build_error"
+    DELIVERY_REFUSED = "delivery_refused"
+    DELIVERY_UNREACHABLE = "delivery_unreachable"
+    INTERNAL_ERROR = "internal_error"

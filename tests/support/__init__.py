@@ -1,0 +1,1 @@
+"""Reusable test infrastructure that drives REAL peers (Orthanc, DCMTK, PostgreSQL, Redis), no mocks."""

@@ -1,0 +1,140 @@
+"""Start the gateway as a user would: the ``cxr-gateway`` CLI in child processes, logs to files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.net import free_port, port_open
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class GatewayProcesses:
+    """One or more ``cxr-gateway`` sub-commands sharing one environment (``serve`` or the parts)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        commands: Sequence[str] = ("serve",),
+        destinations: Sequence[Mapping[str, Any]] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.listener_port = free_port()
+        self.dashboard_port = free_port()
+        self.ae_title = "CXR_GATEWAY"
+        self.commands = list(commands)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CXR_")},
+            "CXR_DATA_DIR": str(self.data_dir),
+            "CXR_LISTENER_PORT": str(self.listener_port),
+            "CXR_LISTENER_HOST": "127.0.0.1",
+            "CXR_DASHBOARD_PORT": str(self.dashboard_port),
+            "CXR_STUDY_QUIET_SECONDS": "1",
+            "CXR_DESTINATIONS": json.dumps(list(destinations)),
+            "CXR_DELIVERY_RETRY_BASE_SECONDS": "1",
+            "CXR_TORCH_THREADS": "2",
+            **(env or {}),
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def run_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout, check=True,
+        )
+
+    def start(self, timeout: float = 90) -> GatewayProcesses:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if "serve" not in self.commands:
+            self.run_cli("migrate")
+        for name in self.commands:
+            log_path = self.workdir / f"{name}.log"
+            self.logs[name] = log_path
+            with log_path.open("wb") as fh:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", name],
+                    env=self.env, cwd=self.workdir, stdout=fh, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        deadline = time.monotonic() + timeout
+        want_listener = {"serve", "listener"} & set(self.commands)
+        want_dashboard = {"serve", "dashboard"} & set(self.commands)
+        while time.monotonic() < deadline:
+            self._check_alive()
+            ok = (not want_listener or port_open("127.0.0.1", self.listener_port)) and (
+                not want_dashboard or self._healthy()
+            )
+            if ok:
+                return self
+            time.sleep(0.3)
+        raise TimeoutError(f"gateway did not start in {timeout}s:\n{self.log_tail()}")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.dashboard_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail()}")
+
+    def api(self, path: str) -> Any:
+        response = httpx.get(f"{self.dashboard_url}{path}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_for_jobs(self, predicate: Any, timeout: float = 120) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        jobs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            self._check_alive()
+            jobs = self.api("/api/jobs")["items"]
+            if predicate(jobs):
+                return jobs
+            time.sleep(0.5)
+        raise TimeoutError(f"jobs never matched: {jobs}\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return "\n".join(
+            f"--- {name} ---\n{path.read_text(errors='replace')}" for name, path in self.logs.items() if path.exists()
+        )
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def __enter__(self) -> GatewayProcesses:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.core.settings import load_settings
+
+
+def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("CXR_"):
+            monkeypatch.delenv(key)
+    s = load_settings(data_dir=tmp_path)
+    assert s.listener_ae_title == "CXR_GATEWAY"
+    assert s.listener_port == 11112
+    assert s.dashboard_port == 8080
+    assert s.dashboard_host == "127.0.0.1"
+    assert s.study_quiet_seconds <= 2
+    assert s.effective_database_url.startswith("sqlite:///")
+    assert s.effective_broker_url == "filesystem://"
+    assert (s.model_bundle / "configs" / "metadata.json").is_file()
+
+
+def test_env_overrides_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cfg = tmp_path / "cxr.toml"
+    cfg.write_text(
+        'listener_port = 104\nlistener_ae_title = "FROM_TOML"\n'
+        '[[destinations]]\nae_title = "PACS"\nhost = "pacs.local"\nport = 11112\n'
+    )
+    monkeypatch.setenv("CXR_LISTENER_PORT", "4006")
+    s = load_settings(cfg)
+    assert s.listener_port == 4006
+    assert s.listener_ae_title == "FROM_TOML"
+    assert [d.ae_title for d in s.destinations] == ["PACS"]
+
+
+def test_destinations_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_DESTINATIONS", '[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}]')
+    s = load_settings()
+    assert s.destinations[0].port == 4242
+
+
+def test_bad_destination_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_DESTINATIONS", '[{"ae_title": "THIS_AE_TITLE_IS_TOO_LONG", "host": "h", "port": 1}]')
+    with pytest.raises(ValidationError):
+        load_settings()

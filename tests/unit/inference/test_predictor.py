@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monai_train.__main__ import init_bundle
+from worker.inference.bundle import BundleError, load_bundle
+from worker.inference.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle")
+    init_bundle(out, seed=3)
+    return out
+
+
+def test_cams_come_from_the_same_forward_pass(bundle_dir: Path) -> None:
+    predictor = Predictor(load_bundle(bundle_dir))
+    rng = np.random.default_rng(0)
+    images = [rng.random((300, 280), dtype=np.float32) for _ in range(2)]
+    pred = predictor.predict(images)
+    assert pred.probabilities.shape == (2, 14)
+    assert pred.cams.shape[:2] == (2, 14)
+    assert float(pred.cams.max()) <= 1.0 + 1e-6 and float(pred.cams.min()) >= 0.0
+
+    # The CAM identity: mean over space of (W·features) + bias is the logit the network outputs.
+    x = predictor._batch(images)
+    with torch.inference_mode():
+        logits = predictor.net(x)
+        fmap = torch.relu(predictor._features(x))
+        raw = torch.einsum("ck,nkhw->nchw", predictor._head.weight, fmap).mean(dim=(2, 3))
+        raw = raw + predictor._head.bias
+    np.testing.assert_allclose(raw.numpy(), logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(torch.sigmoid(logits).numpy(), pred.probabilities, atol=1e-5)
+
+
+def test_bundle_without_operating_points_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_dir, broken)
+    meta = json.loads((broken / "configs/metadata.json").read_text())
+    meta["operating_points"].pop("Hernia")
+    (broken / "configs/metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError):
+        load_bundle(broken)
+
+
+def test_shipped_bundle_loads() -> None:
+    from service.core.settings import DEFAULT_BUNDLE
+
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    assert len(bundle.labels) == 14 and bundle.labels[0] == "Atelectasis"
+    assert len(bundle.sha256) == 64

@@ -1,0 +1,32 @@
+"""``python -m worker``: start a Celery worker on the inference and delivery queues."""
+
+from __future__ import annotations
+
+import sys
+
+from service.core import tasks as names
+
+
+def main(argv: list[str] | None = None) -> None:
+    from worker.app import app, settings
+
+    args = argv if argv is not None else sys.argv[1:]
+    queues = f"{names.INFERENCE_QUEUE},{names.DELIVERY_QUEUE}"
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel",
+            settings.log_level,
+            "--queues",
+            queues,
+            "--concurrency",
+            str(settings.worker_concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            *args,
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Plain functions behind the Celery tasks: one study in, result objects and delivery rows out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.jobs import transition
+from service.core.models import Delivery, Instance, Job
+from service.core.settings import Settings
+from service.core.status import DeliveryStatus, JobStatus, ReasonCode
+from worker import __version__
+from worker.dicom.gate import check_header
+from worker.dicom.pixels import PixelDataError, read_display_pixels
+from worker.dicom.sc import build_heatmap_sc
+from worker.dicom.sr import AlgorithmInfo, FindingResult, build_findings_sr, build_not_analysed_sr
+from worker.dicom.uids import derive_uid
+from worker.errors import PermanentError
+from worker.inference.bundle import Bundle, load_bundle
+from worker.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+TOP_HEATMAPS = 3
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+
+@dataclass
+class Runtime:
+    """What a worker process builds once and reuses across tasks."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    _predictor: Predictor | None = field(default=None, init=False)
+
+    @property
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            self._predictor = Predictor(load_bundle(self.settings.model_bundle), threads=self.settings.torch_threads)
+        return self._predictor
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.predictor.bundle
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str  # "sr" | "sc"
+    sop_instance_uid: str
+    path: Path
+
+
+def algorithm_info(bundle: Bundle) -> AlgorithmInfo:
+    return AlgorithmInfo(
+        name=bundle.name,
+        version=bundle.version,
+        bundle_hash=bundle.sha256,
+        software_version=f"cxr-gateway {__version__}",
+    )
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path
+
+
+def process_study(job_id: str, rt: Runtime) -> list[int]:
+    """Run one job; returns the ids of the delivery rows to send. Idempotent per job."""
+    settings = rt.settings
+    with rt.sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise PermanentError(ReasonCode.INTERNAL_ERROR, "unknown job")
+        if JobStatus(job.status).is_final:
+            log.info("job=%s already %s; nothing to do", job_id, job.status)
+            return []
+        transition(session, job_id, JobStatus.RUNNING, reason_code=None)
+        job.attempts += 1
+        instances = session.scalars(
+            select(Instance).where(Instance.study_id == job.study_id).order_by(Instance.id)
+        ).all()
+        study_uid = job.study.study_instance_uid
+        rows = [(i.sop_instance_uid, settings.spool_dir / i.spool_path) for i in instances]
+
+    try:
+        outputs, result, skipped_reason = _analyse(rows, study_uid, job_id, rt)
+    except PermanentError as exc:
+        with rt.sessions.begin() as session:
+            transition(session, job_id, JobStatus.FAILED, reason_code=exc.reason, reason_detail=exc.detail)
+        log.warning("job=%s failed reason=%s", job_id, exc.reason)
+        return []
+
+    with rt.sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.result = result
+        job.bundle_version = rt.bundle.version
+        delivery_ids: list[int] = []
+        for out in outputs:
+            for dest in settings.destinations:
+                delivery = Delivery(
+                    job_id=job_id,
+                    ae_title=dest.ae_title,
+                    host=dest.host,
+                    port=dest.port,
+                    sop_instance_uid=out.sop_instance_uid,
+                    kind=out.kind,
+                    output_path=str(out.path.relative_to(settings.output_dir)),
+                    status=DeliveryStatus.PENDING,
+                )
+                session.add(delivery)
+                session.flush()
+                delivery_ids.append(delivery.id)
+        final = JobStatus.SKIPPED if skipped_reason else JobStatus.DONE
+        transition(session, job_id, final, reason_code=skipped_reason)
+    log.info("job=%s %s outputs=%d deliveries=%d", job_id, final, len(outputs), len(delivery_ids))
+    return delivery_ids
+
+
+def _analyse(
+    rows: list[tuple[str, Path]], study_uid: str, job_id: str, rt: Runtime
+) -> tuple[list[Output], dict[str, Any], str | None]:
+    settings = rt.settings
+    bundle = rt.bundle
+    algo = algorithm_info(bundle)
+    out_dir = settings.output_dir / job_id
+    prefix = settings.uid_prefix
+
+    gate: dict[str, str | None] = {}
+    eligible: list[tuple[Dataset, Any]] = []
+    received: list[Dataset] = []
+    for sop_uid, path in rows:
+        if not path.is_file():
+            gate[sop_uid] = ReasonCode.SPOOL_FILE_MISSING
+            continue
+        ds = dcmread(path)
+        received.append(ds)
+        decision = check_header(ds)
+        if not decision.eligible:
+            gate[sop_uid] = decision.reason
+            continue
+        try:
+            display = read_display_pixels(ds)
+        except PixelDataError as exc:
+            gate[sop_uid] = exc.reason
+            continue
+        gate[sop_uid] = None
+        eligible.append((ds, display))
+
+    images: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"bundle": {"name": bundle.name, "version": bundle.version}, "images": images}
+    outputs: list[Output] = []
+
+    if not eligible:
+        if not received:
+            raise PermanentError(ReasonCode.NO_IMAGES, "no readable instance in the study")
+        reasons = {uid: str(r) for uid, r in gate.items() if r}
+        sr_uid = derive_uid(prefix, study_uid, bundle.version, "not-analysed-sr")
+        sr = build_not_analysed_sr(
+            received,
+            reasons,
+            algo,
+            series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sr-series"),
+            sop_instance_uid=sr_uid,
+            series_number=SR_SERIES_NUMBER,
+        )
+        outputs.append(Output("sr", sr_uid, _write(sr, out_dir / "not-analysed-sr.dcm")))
+        result["gate"] = reasons
+        first = next(iter(reasons.values()), ReasonCode.NO_IMAGES)
+        return outputs, result, first
+
+    try:
+        prediction = rt.predictor.predict([display.pixels for _, display in eligible])
+    except Exception as exc:  # a bad tensor is this job's problem, not the worker's
+        raise PermanentError(ReasonCode.INFERENCE_ERROR, type(exc).__name__) from exc
+
+    labels = bundle.labels
+    for n, ((ds, display), probs, cams) in enumerate(
+        zip(eligible, prediction.probabilities, prediction.cams, strict=True), start=1
+    ):
+        src_uid = str(ds.SOPInstanceUID)
+        findings = [
+            FindingResult(label=lb, probability=float(p), threshold=bundle.operating_points[lb])
+            for lb, p in zip(labels, probs, strict=True)
+        ]
+        top = sorted(range(len(labels)), key=lambda i: float(probs[i]), reverse=True)[:TOP_HEATMAPS]
+        try:
+            sr_uid = derive_uid(prefix, src_uid, bundle.version, "sr")
+            sr = build_findings_sr(
+                [ds],
+                findings,
+                algo,
+                series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sr-series"),
+                sop_instance_uid=sr_uid,
+                series_number=SR_SERIES_NUMBER,
+                instance_number=n,
+            )
+            sc_uid = derive_uid(prefix, src_uid, bundle.version, "sc")
+            sc = build_heatmap_sc(
+                ds,
+                display.pixels,
+                {labels[i]: cams[i] for i in top},
+                {labels[i]: float(probs[i]) for i in top},
+                algo,
+                series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sc-series"),
+                sop_instance_uid=sc_uid,
+                series_number=SC_SERIES_NUMBER,
+                instance_number=n,
+            )
+        except Exception as exc:
+            raise PermanentError(ReasonCode.OUTPUT_BUILD_ERROR, type(exc).__name__) from exc
+        outputs.append(Output("sr", sr_uid, _write(sr, out_dir / f"sr-{n}.dcm")))
+        outputs.append(Output("sc", sc_uid, _write(sc, out_dir / f"sc-{n}.dcm")))
+        images.append(
+            {
+                "sop_instance_uid": src_uid,
+                "probabilities": {lb: round(float(p), 6) for lb, p in zip(labels, probs, strict=True)},
+                "present": [f.label for f in findings if f.probability >= f.threshold],
+                "inverted_by_label": display.inverted_by_label,
+                "inverted_by_heuristic": display.inverted_by_heuristic,
+            }
+        )
+    result["gate"] = {uid: r for uid, r in gate.items() if r}
+    result["finished_at"] = datetime.now(UTC).isoformat()
+    return outputs, result, None
