@@ -1,13 +1,17 @@
-"""``python -m monai_train``: bundle tooling for ML engineers (training lands with its own issue)."""
+"""``python -m monai_train``: bundle tooling for ML engineers (init-bundle, train, finetune, evaluate)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from pathlib import Path
 
 import torch
 
 from monai_train.bundle import NIH_LABELS, build_network, export_bundle, inference_config
+from monai_train.metrics import OPERATING_POINT_METHODS
+from monai_train.train import LOSSES
 
 UNTRAINED_CARD = """# cxr14_densenet121 — UNTRAINED demonstration bundle
 
@@ -42,16 +46,188 @@ def init_bundle(out: Path, seed: int) -> None:
     )
 
 
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = tuple(float(x) for x in text.split(","))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("--split takes three fractions: train,val,test")
+    return parts  # type: ignore[return-value]
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
+    p.add_argument(
+        "--images",
+        type=Path,
+        action="append",
+        required=True,
+        help="image folder (repeat, paired in order with --labels)",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        required=True,
+        help="NIH-format label CSV (repeat, paired in order with --images)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument(
+        "--label-set",
+        "--labels-set",
+        dest="label_set",
+        default=None if finetune else "nih14",
+        help="nih14, or comma-separated findings (e.g. Pneumothorax or Effusion,Edema)",
+    )
+    p.add_argument("--version", required=True, help="bundle version string, e.g. 0.2.0-demo")
+    p.add_argument("--name", default="cxr14_densenet121")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None if finetune else 224,
+        help="square input size" + (" (default: the source bundle's)" if finetune else ""),
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="one-cycle peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--loss", choices=LOSSES, default="bce")
+    p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--pos-weight-max", type=float, default=20.0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--split", type=_fractions, default=(0.7, 0.1, 0.2), help="train,val,test patient fractions"
+    )
+    p.add_argument("--no-stratify", action="store_true", help="split all sources together, not one by one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--operating-point", choices=OPERATING_POINT_METHODS, default="f1")
+    p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="default: <out>.checkpoints beside --out"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this epoch (resume later)")
+    p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
+    p.add_argument(
+        "--reference-predictions",
+        type=Path,
+        default=None,
+        help="CSV of reference probabilities (Image Index, prob_<label>) to compare on test images",
+    )
+    p.add_argument("--notes", type=Path, default=None, help="markdown file appended to the model card")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
+    if finetune:
+        p.add_argument("--from", dest="from_bundle", type=Path, required=True, help="bundle to start from")
+
+
+def run_training(args: argparse.Namespace) -> None:
+    from monai_train.data import combine, parse_label_set, read_records, split_by_patient
+    from monai_train.train import TrainConfig, TrainingStopped, train_and_export
+
+    if len(args.images) != len(args.labels):
+        raise SystemExit("give one --labels CSV for each --images folder")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from_bundle = getattr(args, "from_bundle", None)
+    spec = args.label_set
+    if spec is None and from_bundle is not None:  # finetune without --label-set keeps the bundle's labels
+        spec = json.loads((from_bundle / "configs" / "metadata.json").read_text())["labels"]
+    labels = parse_label_set(spec)
+    records = combine(read_records(i, c, labels) for i, c in zip(args.images, args.labels, strict=True))
+    if args.limit:
+        records = records[: args.limit]
+    splits = split_by_patient(records, args.split, args.seed, stratify_by_source=not args.no_stratify)
+    tc = TrainConfig(
+        labels=labels,
+        image_size=args.image_size or 224,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        loss=args.loss,
+        focal_gamma=args.focal_gamma,
+        pos_weight_max=args.pos_weight_max,
+        augment=not args.no_augment,
+        seed=args.seed,
+        operating_point=args.operating_point,
+        log_every=args.log_every,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        name=args.name,
+        version=args.version,
+        fp16_export=not args.fp32,
+        reference_predictions=args.reference_predictions,
+        notes=args.notes.read_text() if args.notes else "",
+        init_from=from_bundle,
+        stop_after=args.stop_after,
+    )
+    if from_bundle is not None and args.image_size is None:
+        tc.image_size = 0  # init_from_bundle keeps the source bundle's size
+    try:
+        result = train_and_export(splits, tc, args.out)
+    except TrainingStopped as stopped:
+        print(stopped)
+        return
+    m = result.metrics
+    print(
+        f"bundle written to {args.out}: best epoch {result.best_epoch}, temperature "
+        f"{result.temperature:.3f}, test mean AUROC {m['mean_auroc']} on {m['n_images']} images"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="monai_train")
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init-bundle", help="write an untrained bundle (random initialisation)")
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="train a DenseNet-121 from scratch and export a bundle")
+    _add_training_args(train, finetune=False)
+    finetune = sub.add_parser("finetune", help="continue training a bundle, possibly on another label set")
+    _add_training_args(finetune, finetune=True)
+    ev = sub.add_parser("evaluate", help="measure a bundle on labelled images, as the worker runs it")
+    ev.add_argument("--images", type=Path, required=True)
+    ev.add_argument("--labels", type=Path, required=True, help="NIH-format label CSV (may be .csv.gz)")
+    ev.add_argument("--bundle", type=Path, default=None, help="default: worker/bundles/cxr14_densenet121")
+    ev.add_argument("--out", type=Path, required=True, help="metrics.json to write (curves go beside it)")
+    ev.add_argument("--heatmaps", type=Path, default=None, help="write DIR/<image>/<finding>.npy CAMs")
+    ev.add_argument(
+        "--compare-reference",
+        type=Path,
+        default=None,
+        help="CSV of reference probabilities (Image Index, prob_<label>) for a side-by-side",
+    )
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command != "init-bundle":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "init-bundle":
         init_bundle(args.out, args.seed)
         print(f"bundle written to {args.out}")
+    elif args.command in {"train", "finetune"}:
+        run_training(args)
+    elif args.command == "evaluate":
+        from monai_train.evaluate import DEFAULT_BUNDLE, evaluate
+
+        m = evaluate(
+            args.images,
+            args.labels,
+            args.out,
+            bundle_dir=args.bundle or DEFAULT_BUNDLE,
+            heatmaps=args.heatmaps,
+            reference_csv=args.compare_reference,
+            batch_size=args.batch_size,
+            threads=args.threads,
+        )
+        line = f"{m['n_images']} images: mean AUROC {m['mean_auroc']}"
+        ref = m.get("reference_comparison")
+        if ref:
+            line += (
+                f"; on the {ref['n_images']} images the reference scored: this bundle "
+                f"{ref['model']['mean_auroc']}, reference {ref['reference']['mean_auroc']}"
+            )
+        print(f"{line}; metrics written to {args.out}")
 
 
 if __name__ == "__main__":

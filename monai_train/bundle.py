@@ -99,8 +99,10 @@ def export_bundle(
     (out_dir / "configs").mkdir(parents=True, exist_ok=True)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     (out_dir / "docs").mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().cpu()
-             for k, v in net.state_dict().items()}
+    state = {
+        k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in net.state_dict().items()
+    }
     save_file(state, str(out_dir / "models" / "model.safetensors"))
     (out_dir / "configs" / "inference.json").write_text(json.dumps(cfg, indent=2) + "\n")
     weights_sha = hashlib.sha256((out_dir / "models" / "model.safetensors").read_bytes()).hexdigest()

@@ -28,8 +28,13 @@ def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session
     try:
         if not path.is_file():
             raise PermanentError(ReasonCode.SPOOL_FILE_MISSING, "output file missing")
-        c_store(path, ae_title=target[0], host=target[1], port=target[2],
-                calling_ae_title=settings.sender_ae_title)
+        c_store(
+            path,
+            ae_title=target[0],
+            host=target[1],
+            port=target[2],
+            calling_ae_title=settings.sender_ae_title,
+        )
     except TransientError as exc:
         _record(sessions, delivery_id, DeliveryStatus.RETRYING, str(exc))
         log.warning("delivery=%d to ae=%s retrying reason=%s", delivery_id, target[0], exc.reason)
@@ -47,7 +52,9 @@ def give_up(delivery_id: int, sessions: sessionmaker[Session], error: str) -> No
     _record(sessions, delivery_id, DeliveryStatus.DEAD_LETTER, error)
 
 
-def _record(sessions: sessionmaker[Session], delivery_id: int, status: DeliveryStatus, error: str | None) -> None:
+def _record(
+    sessions: sessionmaker[Session], delivery_id: int, status: DeliveryStatus, error: str | None
+) -> None:
     with sessions.begin() as session:
         row = session.get(Delivery, delivery_id)
         if row is None:

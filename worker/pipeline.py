@@ -44,7 +44,9 @@ class Runtime:
     @property
     def predictor(self) -> Predictor:
         if self._predictor is None:
-            self._predictor = Predictor(load_bundle(self.settings.model_bundle), threads=self.settings.torch_threads)
+            self._predictor = Predictor(
+                load_bundle(self.settings.model_bundle), threads=self.settings.torch_threads
+            )
         return self._predictor
 
     @property
@@ -187,10 +189,10 @@ def _analyse(
         raise PermanentError(ReasonCode.INFERENCE_ERROR, type(exc).__name__) from exc
 
     labels = bundle.labels
-    for n, ((ds, display), probs, cams) in enumerate(
+    for n, ((src, display), probs, cams) in enumerate(
         zip(eligible, prediction.probabilities, prediction.cams, strict=True), start=1
     ):
-        src_uid = str(ds.SOPInstanceUID)
+        src_uid = str(src.SOPInstanceUID)
         findings = [
             FindingResult(label=lb, probability=float(p), threshold=bundle.operating_points[lb])
             for lb, p in zip(labels, probs, strict=True)
@@ -199,7 +201,7 @@ def _analyse(
         try:
             sr_uid = derive_uid(prefix, src_uid, bundle.version, "sr")
             sr = build_findings_sr(
-                [ds],
+                [src],
                 findings,
                 algo,
                 series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sr-series"),
@@ -209,7 +211,7 @@ def _analyse(
             )
             sc_uid = derive_uid(prefix, src_uid, bundle.version, "sc")
             sc = build_heatmap_sc(
-                ds,
+                src,
                 display.pixels,
                 {labels[i]: cams[i] for i in top},
                 {labels[i]: float(probs[i]) for i in top},

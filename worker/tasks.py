@@ -30,8 +30,13 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
         from service.core.jobs import transition
 
         with runtime.sessions.begin() as session:
-            transition(session, job_id, JobStatus.FAILED, reason_code=ReasonCode.INTERNAL_ERROR,
-                       reason_detail=type(exc).__name__)
+            transition(
+                session,
+                job_id,
+                JobStatus.FAILED,
+                reason_code=ReasonCode.INTERNAL_ERROR,
+                reason_detail=type(exc).__name__,
+            )
         return
     for delivery_id in delivery_ids:
         enqueue(app, names.DELIVER, delivery_id)
@@ -46,5 +51,5 @@ def deliver_task(self: Task[Any, Any], delivery_id: int) -> None:
         if self.request.retries >= settings.delivery_max_retries:
             give_up(delivery_id, runtime.sessions, str(exc))
             return
-        countdown = settings.delivery_retry_base_seconds * (2 ** self.request.retries)
+        countdown = settings.delivery_retry_base_seconds * (2**self.request.retries)
         raise self.retry(exc=exc, countdown=countdown) from exc

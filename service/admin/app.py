@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,8 +84,13 @@ def _job_out(job: Job, detail: bool = False) -> JobOut:
         "created_at": job.created_at,
         "stages": stages,
         "deliveries": [
-            DeliveryOut(ae_title=d.ae_title, kind=d.kind, status=d.status, attempts=d.attempts,
-                        delivered_at=d.delivered_at)
+            DeliveryOut(
+                ae_title=d.ae_title,
+                kind=d.kind,
+                status=d.status,
+                attempts=d.attempts,
+                delivered_at=d.delivered_at,
+            )
             for d in job.deliveries
         ],
     }
@@ -93,14 +99,19 @@ def _job_out(job: Job, detail: bool = False) -> JobOut:
     return JobOut(**fields)
 
 
+def get_session(request: Request) -> Iterator[Session]:
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    with sessions() as session:
+        yield session
+
+
+DB = Annotated[Session, Depends(get_session)]
+
+
 def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     app = FastAPI(title="cxr-gateway", version="0.1.0")
-
-    def db() -> Any:
-        with sessions() as session:
-            yield session
-
-    DB = Annotated[Session, Depends(db)]
+    app.state.settings = settings
+    app.state.sessions = sessions
 
     def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: int) -> JobPage:
         stmt = select(Job).options(selectinload(Job.deliveries))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
 from service.core.models import Job, JobEvent
@@ -39,7 +39,8 @@ def transition(
     stmt = update(Job).where(Job.id == job_id)
     if expected is not None:
         stmt = stmt.where(Job.status.in_([str(s) for s in expected]))
-    moved = session.execute(stmt.values(**values)).rowcount > 0
+    result: CursorResult[object] = session.execute(stmt.values(**values))  # type: ignore[assignment]
+    moved = result.rowcount > 0
     if moved:
         session.add(JobEvent(job_id=job_id, status=to, reason_code=reason_code, at=now))
     return moved

@@ -17,13 +17,15 @@ def make_celery(settings: Settings) -> Celery:
         # Embedded single-machine broker: messages are files under the data dir.
         folder = settings.broker_dir / "messages"
         processed = settings.broker_dir / "processed"
-        for path in (folder, processed):
+        control = settings.broker_dir / "control"
+        for path in (folder, processed, control):
             path.mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(processed),
             "store_processed": False,
+            "control_folder": str(control),
         }
     elif settings.effective_broker_url.startswith(("redis://", "rediss://")):
         # Longer than the longest a task can sit unacknowledged, so Redis does not redeliver it early.

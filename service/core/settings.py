@@ -52,9 +52,13 @@ class _TomlSource(PydanticBaseSettingsSource):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
 
-    data_dir: Path = Field(default=Path(".cxr-data"), description="Spool, outputs, SQLite database and broker")
+    data_dir: Path = Field(
+        default=Path(".cxr-data"), description="Spool, outputs, SQLite database and broker"
+    )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
-    broker_url: str | None = Field(default=None, description="Celery broker; default filesystem broker in data_dir")
+    broker_url: str | None = Field(
+        default=None, description="Celery broker; default filesystem broker in data_dir"
+    )
 
     listener_ae_title: str = "CXR_GATEWAY"
     listener_host: str = "0.0.0.0"

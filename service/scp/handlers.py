@@ -7,6 +7,7 @@ from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from service.scp.intake import Intake, Received, StoreStatus
 
@@ -32,6 +33,7 @@ def make_store_handler(intake: Intake) -> Any:
                 log.warning("store refused: undecodable dataset calling_ae=%s", calling_ae)
                 return StoreStatus.CANNOT_UNDERSTAND
             request = event.request
+            assert isinstance(request, C_STORE)
             rx = Received(
                 encoded=encoded,
                 dataset=ds,

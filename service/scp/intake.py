@@ -74,8 +74,10 @@ class Intake:
                     if existing.sha256 != digest:
                         # Keep the first copy: a PACS resending altered content under the same UID is a
                         # conflict for a human, not something to overwrite silently.
-                        log.warning("duplicate SOP instance with different content kept first: study_id=%s",
-                                    existing.study_id)
+                        log.warning(
+                            "duplicate SOP instance with different content kept first: study_id=%s",
+                            existing.study_id,
+                        )
                     return StoreStatus.SUCCESS
         except SQLAlchemyError:
             log.exception("database unavailable during store")

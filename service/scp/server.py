@@ -6,10 +6,15 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
+    UID,
+    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -20,15 +25,9 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +39,8 @@ from service.scp.handlers import handle_echo, make_store_handler
 from service.scp.intake import Intake
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")
 
 STORAGE_SOP_CLASSES = (
     ComputedRadiographyImageStorage,
@@ -71,7 +72,7 @@ def build_ae(settings: Settings) -> AE:
     ae.acse_timeout = 30
     ae.dimse_timeout = 60
     ae.require_called_aet = True
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
@@ -91,7 +92,7 @@ class Listener:
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         ae = build_ae(self.settings)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, make_store_handler(self.intake)),
         ]

@@ -14,7 +14,7 @@ from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
 
-SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive 3D SR
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -68,7 +68,9 @@ def _run(
     env: dict[str, str] | None = None,
 ) -> None:
     source = shared_dir / "dicom" / "chest" / "cr-pa-mono1-explicit-le.dcm"
-    with GatewayProcesses(tmp_path / "gw", commands=commands, destinations=_destination(orthanc), env=env) as gw:
+    with GatewayProcesses(
+        tmp_path / "gw", commands=commands, destinations=_destination(orthanc), env=env
+    ) as gw:
         try:
             _send_and_check(gw, orthanc, source, tmp_path)
         except BaseException:
@@ -93,5 +95,3 @@ def test_parts_on_redis_and_postgres(
     """Production shape: listener, worker and dashboard as separate processes on Redis + PostgreSQL."""
     env = {"CXR_DATABASE_URL": postgres_url, "CXR_BROKER_URL": redis_url}
     _run(tmp_path, orthanc, shared_dir, ["listener", "worker", "dashboard"], env)
-
-

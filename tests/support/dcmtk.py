@@ -97,7 +97,8 @@ def storescu(
 
     ``propose="auto"`` (see module doc) proposes exactly what the files need; it falls back to storescu's
     own proposal when ``extra_args`` carries proposal options (``-x*``, ``-R``, ``+C``, ``-xf``, ``+sd``),
-    when a path is a directory, or a file has no meta header. ``propose="storescu"`` always leaves it to storescu.
+    when a path is a directory, or a file has no meta header; ``propose="storescu"`` always leaves it to
+    storescu.
     ``timeout`` bounds the whole run (subprocess) and the DIMSE/ACSE waits. Raises
     ``subprocess.TimeoutExpired`` if storescu hangs; ``CalledProcessError`` only when ``check``.
     """

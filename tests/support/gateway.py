@@ -58,7 +58,12 @@ class GatewayProcesses:
     def run_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "service.cli", *args],
-            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout, check=True,
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
         )
 
     def start(self, timeout: float = 90) -> GatewayProcesses:
@@ -71,7 +76,10 @@ class GatewayProcesses:
             with log_path.open("wb") as fh:
                 self.procs[name] = subprocess.Popen(
                     [sys.executable, "-m", "service.cli", name],
-                    env=self.env, cwd=self.workdir, stdout=fh, stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.workdir,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
         deadline = time.monotonic() + timeout
@@ -116,7 +124,9 @@ class GatewayProcesses:
 
     def log_text(self) -> str:
         return "\n".join(
-            f"--- {name} ---\n{path.read_text(errors='replace')}" for name, path in self.logs.items() if path.exists()
+            f"--- {name} ---\n{path.read_text(errors='replace')}"
+            for name, path in self.logs.items()
+            if path.exists()
         )
 
     def log_tail(self, lines: int = 80) -> str:

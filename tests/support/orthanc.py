@@ -13,6 +13,7 @@ Typical use::
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -47,6 +48,17 @@ def orthanc_binary() -> str | None:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+# Servers still running at interpreter exit (a crashed script, a forgotten stop()): Orthanc runs in its
+# own session, so nothing else would ever stop it.
+_live: set[OrthancServer] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_live):
+        server.stop()
 
 
 def _reap(proc: subprocess.Popen[bytes] | None, remove: Path | None) -> None:
@@ -192,6 +204,7 @@ class OrthancServer:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
+            _live.add(self)
             self._client = httpx.Client(base_url=self.url, timeout=30.0, trust_env=False)
             try:
                 self._wait_ready()
@@ -221,6 +234,7 @@ class OrthancServer:
             self._client.close()
             self._client = None
         proc, self._proc = self._proc, None
+        _live.discard(self)
         if proc is not None and proc.poll() is None:
             # SIGTERM lets Orthanc close its SQLite index cleanly; kill only if it hangs.
             proc.send_signal(signal.SIGTERM)

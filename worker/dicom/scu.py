@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 _SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-def c_store(path: Path, *, ae_title: str, host: str, port: int, calling_ae_title: str, timeout: float = 30) -> None:
+def c_store(
+    path: Path, *, ae_title: str, host: str, port: int, calling_ae_title: str, timeout: float = 30
+) -> None:
     """Send one file; raises TransientError when the peer is unreachable, PermanentError when it refuses."""
     ds = dcmread(path)
     sop_class = ds.SOPClassUID

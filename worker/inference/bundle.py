@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle.config_parser import ConfigParser
 from safetensors.torch import load_file
 
 METADATA = Path("configs/metadata.json")

@@ -43,6 +43,8 @@ def test_destinations_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_destination_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CXR_DESTINATIONS", '[{"ae_title": "THIS_AE_TITLE_IS_TOO_LONG", "host": "h", "port": 1}]')
+    monkeypatch.setenv(
+        "CXR_DESTINATIONS", '[{"ae_title": "THIS_AE_TITLE_IS_TOO_LONG", "host": "h", "port": 1}]'
+    )
     with pytest.raises(ValidationError):
         load_settings()

@@ -1,0 +1,691 @@
+"""Training a MONAI DenseNet-121 bundle: the same preprocessing the worker runs, then calibration and export.
+
+Flow: records → patient-wise splits → CacheDataset (load + the bundle's preprocessing, cached) →
+random augmentation on the preprocessed tensor (train only) → class-weighted BCE (or focal) with AdamW
+and a one-cycle LR → best epoch by validation mean AUROC → temperature on validation logits →
+per-label operating points on calibrated validation probabilities → metrics on the held-out test split
+→ ``export_bundle``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandZoomd,
+)
+from safetensors.torch import load_file
+
+from monai_train.bundle import (
+    NIH_LABELS,
+    build_network,
+    build_preprocessing,
+    export_bundle,
+    inference_config,
+)
+from monai_train.data import Record, Splits, check_no_leakage, data_summary, load_image
+from monai_train.metrics import (
+    choose_operating_points,
+    compute_metrics,
+    fit_temperature,
+    write_curves,
+)
+
+log = logging.getLogger("monai_train")
+
+LOSSES = ("bce", "focal")
+
+
+class TrainingStopped(RuntimeError):
+    """``stop_after`` ended the run early; its checkpoint continues it with ``resume=True``."""
+
+
+@dataclass
+class TrainConfig:
+    labels: tuple[str, ...] = NIH_LABELS
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3  # one-cycle peak
+    weight_decay: float = 1e-4
+    loss: str = "bce"
+    focal_gamma: float = 2.0
+    pos_weight_max: float = 20.0  # clip: a label with 1 positive in 1000 must not dominate the loss
+    augment: bool = True
+    seed: int = 0
+    operating_point: str = "f1"
+    log_every: int = 20
+    device: str = "auto"
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    name: str = "cxr14_densenet121"
+    version: str = "0.1.0"
+    fp16_export: bool = True
+    reference_predictions: Path | None = None
+    notes: str = ""
+    init_from: Path | None = None  # fine-tuning: bundle the network starts from
+    stop_after: int | None = None  # stop after this epoch (time-boxed jobs); continue with resume=True
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    history: list[dict[str, Any]]
+    best_epoch: int
+    temperature: float
+    operating_points: dict[str, float]
+    metrics: dict[str, Any]
+    test_names: list[str]
+    test_probabilities: npt.NDArray[np.float32]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class LoadPreprocessd(MapTransform):
+    """Path → display image → the bundle's preprocessing; deterministic, so CacheDataset caches it.
+
+    The tensor is built as the worker's Predictor builds it (``torch.as_tensor(np.asarray(pre(img)))``),
+    so a cached training/evaluation input is bit-identical to what the worker feeds the network.
+    """
+
+    def __init__(self, preprocessing: Any, key: str = "image") -> None:
+        super().__init__([key])
+        self.preprocessing = preprocessing
+        self.key = key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        img = load_image(d[self.key])
+        d[self.key] = torch.as_tensor(np.asarray(self.preprocessing(img))).float()
+        return d
+
+
+def augmentation(seed: int) -> Compose:
+    """Mild, anatomy-preserving augmentation on the *normalised* tensor (x − 0.5) / 0.25.
+
+    No flips: left/right matters on a chest film (heart side, situs). In normalised units, 0 is mid-grey,
+    so RandScaleIntensity changes contrast about mid-grey and RandShiftIntensity shifts brightness
+    (±0.2 ≙ ±0.05 of the display range).
+    """
+    aug = Compose(
+        [
+            RandRotated("image", range_x=math.radians(10), prob=0.5, padding_mode="border"),
+            RandZoomd("image", prob=0.5, min_zoom=0.9, max_zoom=1.1, mode="bilinear", padding_mode="edge"),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
+            RandScaleIntensityd("image", factors=0.1, prob=0.3),
+            RandShiftIntensityd("image", offsets=0.2, prob=0.3),
+        ]
+    )
+    aug.set_random_state(seed=seed)
+    return aug
+
+
+def _items(records: Sequence[Record]) -> list[dict[str, Any]]:
+    return [
+        {"image": str(r.image), "label": np.asarray(r.labels, dtype=np.float32), "name": r.name}
+        for r in records
+    ]
+
+
+def make_dataset(
+    records: Sequence[Record], cfg: dict[str, Any], augment: Compose | None = None
+) -> CacheDataset:
+    transforms: list[Any] = [LoadPreprocessd(build_preprocessing(cfg))]
+    if augment is not None:
+        transforms.append(augment)
+    return CacheDataset(
+        _items(records), transform=Compose(transforms), cache_rate=1.0, num_workers=0, progress=False
+    )
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    # MONAI's random transforms return MetaTensors; the network needs none of the metadata.
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def positive_weights(records: Sequence[Record], n_labels: int, max_weight: float) -> torch.Tensor:
+    """neg/pos per label from the training prevalence, clipped to [1, max_weight]."""
+    y = np.asarray([r.labels for r in records], dtype=np.float64).reshape(-1, n_labels)
+    pos = y.sum(axis=0)
+    neg = y.shape[0] - pos
+    w = np.where(pos > 0, neg / np.maximum(pos, 1), max_weight)
+    return torch.as_tensor(np.clip(w, 1.0, max_weight), dtype=torch.float32)
+
+
+def multilabel_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    pos_weight: torch.Tensor,
+    kind: str = "bce",
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Class-weighted BCE, or its focal form: the same terms scaled by (1 − p_t)^γ (Lin et al. 2017)."""
+    logits = logits.float()  # loss in fp32 also under autocast
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=pos_weight, reduction="none"
+    )
+    if kind == "focal":
+        p = torch.sigmoid(logits)
+        p_t = p * target + (1 - p) * (1 - target)
+        bce = bce * (1 - p_t).pow(gamma)
+    elif kind != "bce":
+        raise ValueError(f"loss must be one of {LOSSES}")
+    return bce.mean()
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+
+def load_bundle_network(bundle_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """(network with weights in fp32, inference config, metadata) of a bundle written by export_bundle."""
+    cfg = json.loads((bundle_dir / "configs" / "inference.json").read_text())
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    net = build_network(cfg)
+    state = load_file(str(bundle_dir / "models" / "model.safetensors"))
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net, cfg, meta
+
+
+def head(net: torch.nn.Module) -> torch.nn.Linear:
+    out = getattr(getattr(net, "class_layers", None), "out", None)
+    if not isinstance(out, torch.nn.Linear):
+        raise TypeError("expected a MONAI DenseNet with class_layers.out")
+    return out
+
+
+def init_from_bundle(
+    bundle_dir: Path, labels: Sequence[str], image_size: int | None = None
+) -> tuple[torch.nn.Module, dict[str, Any], list[str]]:
+    """A network for ``labels`` that starts from a bundle's weights.
+
+    The backbone is copied whole; the final Linear keeps the rows (weights and bias) of labels present in
+    both label sets and leaves the others at their fresh initialisation. Returns the shared labels.
+    """
+    old_net, old_cfg, meta = load_bundle_network(bundle_dir)
+    old_labels = list(meta["labels"])
+    cfg = inference_config(len(labels), image_size or int(old_cfg.get("image_size", 224)))
+    cfg["network_def"] = {**old_cfg["network_def"], "out_channels": "@num_classes"}
+    cfg["preprocessing"] = old_cfg["preprocessing"]
+    net = build_network(cfg)
+    old_state = old_net.state_dict()
+    new_head, old_head = head(net), head(old_net)
+    head_keys = {f"class_layers.out.{k}" for k in ("weight", "bias")}
+    net.load_state_dict({k: v for k, v in old_state.items() if k not in head_keys}, strict=False)
+    shared = [lb for lb in labels if lb in old_labels]
+    with torch.no_grad():
+        for lb in shared:
+            i, j = list(labels).index(lb), old_labels.index(lb)
+            new_head.weight[i] = old_head.weight[j]
+            new_head.bias[i] = old_head.bias[j]
+    return net, cfg, shared
+
+
+# ---------------------------------------------------------------------------------------------- loops
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def predict_logits(
+    net: torch.nn.Module, dataset: CacheDataset, batch_size: int, device: torch.device
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[str]]:
+    """(logits, labels, names) in dataset order, network in eval mode, fp32."""
+    net.eval()
+    logits, ys, names = [], [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        logits.append(net(_tensor(batch["image"]).to(device)).float().cpu().numpy())
+        ys.append(_tensor(batch["label"]).numpy())
+        names.extend(batch["name"])
+    n_labels = int(head(net).out_features)
+    if not logits:
+        return np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32), []
+    return np.concatenate(logits), np.concatenate(ys), names
+
+
+def sigmoid(z: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    return (1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))).astype(np.float32)
+
+
+def _progress(loader: DataLoader, desc: str) -> Iterator[Any]:
+    try:
+        from tqdm import tqdm  # optional: a live bar when installed, log lines otherwise
+    except ImportError:
+        yield from loader
+        return
+    yield from tqdm(loader, desc=desc, leave=False)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _fingerprint(tc: TrainConfig, total_steps: int, data_sha: str) -> dict[str, Any]:
+    return {
+        "labels": list(tc.labels),
+        "image_size": tc.image_size,
+        "total_steps": total_steps,
+        "batch_size": tc.batch_size,
+        "data_sha256": data_sha,
+        "loss": tc.loss,
+    }
+
+
+def fit(
+    net: torch.nn.Module,
+    splits: Splits,
+    cfg: dict[str, Any],
+    tc: TrainConfig,
+) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], CacheDataset, CacheDataset]:
+    """Train; returns (best state, best epoch, history, val dataset, test dataset)."""
+    device = resolve_device(tc.device)
+    use_amp = device.type == "cuda"
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    t0 = time.monotonic()
+    aug = augmentation(tc.seed) if tc.augment else None
+    train_ds = make_dataset(splits.train, cfg, aug)
+    val_ds = make_dataset(splits.val, cfg)
+    test_ds = make_dataset(splits.test, cfg)
+    log.info(
+        "cached %d/%d/%d preprocessed images in %.1fs",
+        len(train_ds),
+        len(val_ds),
+        len(test_ds),
+        time.monotonic() - t0,
+    )
+    generator = torch.Generator().manual_seed(tc.seed)
+    loader = DataLoader(
+        train_ds, batch_size=tc.batch_size, shuffle=True, num_workers=0, drop_last=False, generator=generator
+    )
+    steps_per_epoch = len(loader)
+    total_steps = max(1, steps_per_epoch * tc.epochs)
+
+    net.to(device)
+    pos_weight = positive_weights(splits.train, len(tc.labels), tc.pos_weight_max).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    # A checkpoint only resumes the same run: same labels, size, schedule and training images.
+    fingerprint = _fingerprint(tc, total_steps, str(data_summary(splits.train, tc.labels)["sha256"]))
+    ckpt_dir = tc.checkpoint_dir
+    start_epoch, best_score, best_epoch = 0, -math.inf, 0
+    best_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    history: list[dict[str, Any]] = []
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        last = ckpt_dir / "last.pt"
+        if tc.resume and last.is_file():
+            ckpt = torch.load(last, map_location=device, weights_only=False)
+            if ckpt["fingerprint"] != fingerprint:
+                raise ValueError(
+                    f"checkpoint {last} was written for a different run "
+                    f"({ckpt['fingerprint']} != {fingerprint}); start afresh without --resume"
+                )
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best_score, best_epoch = ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"]
+            history = ckpt["history"]
+            best_state = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True)
+            log.info("resumed from %s after epoch %d (best epoch %d)", last, start_epoch, best_epoch)
+        elif tc.resume:
+            log.warning("--resume given but %s does not exist: starting afresh", last)
+
+    last_epoch = min(tc.epochs, tc.stop_after or tc.epochs)
+    for epoch in range(start_epoch + 1, last_epoch + 1):
+        # Shuffling and augmentation are seeded per epoch, so a resumed run draws exactly what an
+        # uninterrupted one would have drawn.
+        generator.manual_seed(tc.seed * 100_003 + epoch)
+        if aug is not None:
+            aug.set_random_state(seed=(tc.seed * 100_003 + epoch) % (2**32))
+        net.train()
+        t_epoch = time.monotonic()
+        running, seen = 0.0, 0
+        for step, batch in enumerate(_progress(loader, f"epoch {epoch}"), start=1):
+            x = _tensor(batch["image"]).to(device, non_blocking=True)
+            y = _tensor(batch["label"]).to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                logits = net(x)
+            loss = multilabel_loss(logits, y, pos_weight, tc.loss, tc.focal_gamma)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            running += float(loss.detach()) * x.shape[0]
+            seen += x.shape[0]
+            if tc.log_every and (step % tc.log_every == 0 or step == steps_per_epoch):
+                rate = seen / max(time.monotonic() - t_epoch, 1e-9)
+                log.info(
+                    "epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f img/s",
+                    epoch,
+                    tc.epochs,
+                    step,
+                    steps_per_epoch,
+                    running / seen,
+                    scheduler.get_last_lr()[0],
+                    rate,
+                )
+        train_loss = running / max(seen, 1)
+        val_logits, val_y, _ = predict_logits(net, val_ds, tc.batch_size, device)
+        val_loss = (
+            float(
+                multilabel_loss(
+                    torch.as_tensor(val_logits),
+                    torch.as_tensor(val_y),
+                    pos_weight.cpu(),
+                    tc.loss,
+                    tc.focal_gamma,
+                )
+            )
+            if len(val_y)
+            else math.nan
+        )
+        val_auroc = (
+            compute_metrics(val_y, sigmoid(val_logits), tc.labels)["mean_auroc"] if len(val_y) else None
+        )
+        # Select by validation mean AUROC; where it is undefined (tiny validation sets), by val loss.
+        score = (
+            val_auroc if val_auroc is not None else (-val_loss if math.isfinite(val_loss) else -train_loss)
+        )
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss if math.isfinite(val_loss) else None,  # JSON has no NaN
+                "val_mean_auroc": val_auroc,
+                "seconds": time.monotonic() - t_epoch,
+            }
+        )
+        log.info(
+            "epoch %d/%d done in %.0fs: train loss %.4f, val loss %.4f, val mean AUROC %s%s",
+            epoch,
+            tc.epochs,
+            time.monotonic() - t_epoch,
+            train_loss,
+            val_loss,
+            "n/a" if val_auroc is None else f"{val_auroc:.4f}",
+            " (best)" if improved else "",
+        )
+        if ckpt_dir is not None:
+            if improved:
+                _atomic_save(best_state, ckpt_dir / "best.pt")
+            _atomic_save(
+                {
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "fingerprint": fingerprint,
+                },
+                ckpt_dir / "last.pt",
+            )
+    return best_state, best_epoch, history, val_ds, test_ds
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def read_reference(csv_path: Path, labels: Sequence[str]) -> dict[str, npt.NDArray[np.float64]]:
+    """Image name → probabilities in ``labels`` order from a CSV with ``Image Index`` + ``prob_<label>``."""
+    out: dict[str, npt.NDArray[np.float64]] = {}
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or ())
+        missing = [lb for lb in labels if f"prob_{lb}" not in cols and lb not in cols]
+        if missing:
+            raise ValueError(f"{csv_path} has no column for {missing}")
+        for row in reader:
+            out[row["Image Index"].strip()] = np.asarray(
+                [float(row.get(f"prob_{lb}", row.get(lb, "nan"))) for lb in labels], dtype=np.float64
+            )
+    return out
+
+
+def reference_comparison(
+    names: Sequence[str], y: npt.ArrayLike, p: npt.ArrayLike, labels: Sequence[str], csv_path: Path
+) -> dict[str, Any]:
+    """Model vs reference AUROC on the images present in both (the reference CSV covers a subset)."""
+    ref = read_reference(csv_path, labels)
+    idx = [i for i, n in enumerate(names) if n in ref]
+    yy = np.asarray(y)[idx]
+    model = compute_metrics(yy, np.asarray(p)[idx], labels)
+    reference = compute_metrics(
+        yy, np.stack([ref[names[i]] for i in idx]) if idx else np.zeros((0, len(labels))), labels
+    )
+    return {
+        "reference_csv": str(csv_path),
+        "n_images": len(idx),
+        "model": {"auroc": model["auroc"], "mean_auroc": model["mean_auroc"]},
+        "reference": {"auroc": reference["auroc"], "mean_auroc": reference["mean_auroc"]},
+        "notes": model["notes"][2:],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- card
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def model_card(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) -> str:
+    m = result.metrics
+    ref = m.get("reference_comparison")
+    init = f"fine-tuned from {tc.init_from}" if tc.init_from else "random (trained from scratch)"
+    aug = "rotation ±10°, zoom 0.9–1.1, gamma/contrast/brightness" if tc.augment else "none"
+    tr, va, te = summary["train"], summary["val"], summary["test"]
+    lines = [
+        f"# {tc.name} {tc.version} — demonstration model",
+        "",
+        "**Not for clinical use.** A demonstration of the training pipeline, not a medical device: its "
+        "accuracy is far below a model trained on the full ChestX-ray14 set.",
+        "",
+        f"- Architecture: MONAI `DenseNet121`, 2-D, 1 channel, {len(tc.labels)} sigmoid outputs "
+        f"({', '.join(tc.labels)}).",
+        f"- Initialisation: {init}.",
+        f"- Training data: {tr['images']} images of {tr['patients']} patients (validation {va['images']} / "
+        f"{va['patients']}, held-out test {te['images']} / {te['patients']}), split by patient with seed "
+        f"{tc.seed}; training images per source {tr['sources']}.",
+        f"- Input: resize to {tc.image_size} × {tc.image_size} (area), (x − 0.5) / 0.25 on display values in "
+        "[0, 1] — `configs/inference.json`, the same definition the worker runs.",
+        f"- Training: {tc.epochs} epochs, batch {tc.batch_size}, AdamW (weight decay {tc.weight_decay}), "
+        f"one-cycle LR peak {tc.lr}, loss {tc.loss} with pos_weight = neg/pos clipped to "
+        f"[1, {tc.pos_weight_max}], augmentation: {aug}.",
+        f"- Best epoch {result.best_epoch} by {result.extra['selected_by']}; temperature "
+        f"{result.temperature:.3f} fitted on validation logits (NLL); operating points maximise "
+        f"{tc.operating_point.upper()} on calibrated validation probabilities.",
+        "",
+        f"## Measured on its own held-out test split ({m['n_images']} images)",
+        "",
+        f"Mean AUROC {_fmt(m['mean_auroc'])} over {m['mean_auroc_labels']} findings; micro-F1 "
+        f"{_fmt(m['micro_f1'])}, macro-F1 {_fmt(m['macro_f1'])}, Hamming loss {_fmt(m['hamming_loss'])}, "
+        f"ECE {_fmt(m['ece'])}.",
+        "",
+    ]
+    header = "| finding | test positives | AUROC | AP | F1 |"
+    if ref:
+        header += (
+            f" AUROC on the {ref['n_images']} dev-set test images | reference CheXNet AUROC, same images |"
+        )
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for lb in tc.labels:
+        row = (
+            f"| {lb} | {m['positives'][lb]} | {_fmt(m['auroc'][lb])} | {_fmt(m['average_precision'][lb])} "
+            f"| {_fmt(m['f1'][lb])} |"
+        )
+        if ref:
+            row += f" {_fmt(ref['model']['auroc'][lb])} | {_fmt(ref['reference']['auroc'][lb])} |"
+        lines.append(row)
+    if ref:
+        lines += [
+            "",
+            f"On the {ref['n_images']} test images that the reference CheXNet reproduction also scored: "
+            f"this model's mean AUROC {_fmt(ref['model']['mean_auroc'])}, the reference's "
+            f"{_fmt(ref['reference']['mean_auroc'])}.",
+        ]
+    lines += [
+        "",
+        "AUROC is undefined (n/a) where the test split holds no positive; such findings are left out "
+        "of the mean. With so few positives per finding the confidence intervals are wide (±0.1 and more).",
+        "",
+        "## Notes",
+        "",
+        tc.notes.strip() or "(none)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainResult:
+    """Train on ``splits``, calibrate on validation, measure on test, write the bundle to ``out_dir``."""
+    check_no_leakage(splits)
+    if not splits.train:
+        raise ValueError("the training split is empty")
+    if tc.init_from is not None:
+        net, cfg, shared = init_from_bundle(tc.init_from, tc.labels, tc.image_size)
+        tc.image_size = int(cfg["image_size"])
+        log.info("fine-tuning from %s; output neurons kept for %s", tc.init_from, shared or "no label")
+    else:
+        torch.manual_seed(tc.seed)
+        cfg = inference_config(len(tc.labels), tc.image_size)
+        net = build_network(cfg)
+        shared = []
+    if tc.checkpoint_dir is None:
+        tc.checkpoint_dir = out_dir.parent / f"{out_dir.name}.checkpoints"
+
+    best_state, best_epoch, history, val_ds, test_ds = fit(net, splits, cfg, tc)
+    if len(history) < tc.epochs:
+        raise TrainingStopped(
+            f"stopped after epoch {len(history)} of {tc.epochs}; checkpoint in {tc.checkpoint_dir} "
+            "(run again with --resume to continue)"
+        )
+    if tc.fp16_export:
+        # Measure the weights that ship: the bundle stores fp16, so round before calibrating/evaluating.
+        best_state = {k: v.half().float() if v.is_floating_point() else v for k, v in best_state.items()}
+    net.load_state_dict(best_state)
+    device = resolve_device(tc.device)
+    net.to(device)
+
+    val_logits, val_y, _ = predict_logits(net, val_ds, tc.batch_size, device)
+    temperature = fit_temperature(val_logits, val_y) if len(val_y) else 1.0
+    points, defaulted = choose_operating_points(
+        val_y, sigmoid(val_logits / temperature), tc.labels, tc.operating_point
+    )
+    test_logits, test_y, test_names = predict_logits(net, test_ds, tc.batch_size, device)
+    test_p = sigmoid(test_logits / temperature)
+    metrics = compute_metrics(test_y, test_p, tc.labels, points)
+    metrics["split"] = "test"
+    metrics["operating_point_method"] = tc.operating_point
+    if defaulted:
+        metrics["notes"].append(
+            f"operating point 0.5 (validation had one class only): {', '.join(defaulted)}"
+        )
+    val_metrics = compute_metrics(val_y, sigmoid(val_logits / temperature), tc.labels, points)
+    metrics["validation"] = {k: val_metrics[k] for k in ("mean_auroc", "auroc", "ece", "n_images")}
+    metrics["validation"]["ece_before_temperature"] = compute_metrics(val_y, sigmoid(val_logits), tc.labels)[
+        "ece"
+    ]
+    if tc.reference_predictions is not None:
+        metrics["reference_comparison"] = reference_comparison(
+            test_names, test_y, test_p, tc.labels, tc.reference_predictions
+        )
+
+    summary = {name: data_summary(recs, tc.labels) for name, recs in splits.items()}
+    result = TrainResult(
+        bundle=out_dir,
+        history=history,
+        best_epoch=best_epoch,
+        temperature=temperature,
+        operating_points=points,
+        metrics=metrics,
+        test_names=test_names,
+        test_probabilities=test_p,
+        extra={
+            "shared_labels": shared,
+            # fit() falls back to validation loss when no label has both classes in validation.
+            "selected_by": "validation mean AUROC"
+            if any(h["val_mean_auroc"] is not None for h in history)
+            else "validation loss",
+        },
+    )
+    training_data = {
+        **summary["train"],
+        "splits": {
+            name: {k: s[k] for k in ("images", "patients", "sha256", "positives")}
+            for name, s in summary.items()
+        },
+        "split_unit": "patient",
+        "seed": tc.seed,
+        "history": history,
+        "best_epoch": best_epoch,
+        "selected_by": result.extra["selected_by"],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tc).items() if k != "notes"},
+    }
+    export_bundle(
+        out_dir,
+        net.cpu(),
+        cfg,
+        name=tc.name,
+        version=tc.version,
+        labels=tc.labels,
+        operating_points=points,
+        temperature=temperature,
+        metrics=metrics,
+        training_data=training_data,
+        model_card=model_card(tc, result, summary),
+        fp16=tc.fp16_export,
+    )
+    docs = out_dir / "docs"
+    (docs / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_curves(test_y, test_p, tc.labels, docs)
+    with (docs / "test_predictions.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Image Index", *(f"prob_{lb}" for lb in tc.labels)])
+        for name, row in zip(test_names, test_p, strict=True):
+            writer.writerow([name, *(f"{v:.6f}" for v in row)])
+    log.info("bundle written to %s: test mean AUROC %s", out_dir, _fmt(metrics["mean_auroc"]))
+    return result

@@ -1,0 +1,136 @@
+"""Coded concepts for the 14 NIH ChestX-ray14 findings and the SR vocabulary around them.
+
+Codes come from pydicom's concept dictionary (the DICOM content-mapping resource) where it has
+them. Five SNOMED CT codes are not in that dictionary and are written out here: Atelectasis
+46621007, Pneumonia 233604007, Lung consolidation 95436008, Pulmonary emphysema 87433001, Hiatal
+hernia 84089009. No standard code was found for pleural thickening, so it gets a local code in the
+private scheme "99CXR", declared in each SR's Coding Scheme Identification Sequence
+(`LOCAL_CODING_SCHEME`).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Final
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+__all__ = [
+    "ABSENT",
+    "AI_DISCLAIMER",
+    "CHEST_XRAY_PROCEDURE",
+    "DISPLAY_NAMES",
+    "FINDING",
+    "FINDING_CODES",
+    "LOCAL_CODING_SCHEME",
+    "LOCAL_SCHEME_DESIGNATOR",
+    "NIH_LABELS",
+    "NO_UNITS",
+    "PRESENT",
+    "PROBABILITY",
+    "PROCESSING_EQUIPMENT",
+    "display_name",
+    "finding_code",
+]
+
+LOCAL_SCHEME_DESIGNATOR: Final = "99CXR"
+
+# The 14 labels exactly as NIH spells them, in NIH order (the model's output order).
+NIH_LABELS: Final[tuple[str, ...]] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+
+def _concept(code: Code) -> CodedConcept:
+    return CodedConcept.from_code(code)
+
+
+def _sct(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
+
+
+# Vocabulary of the report (TID 1500/1501 items).
+FINDING: Final = _concept(codes.DCM.Finding)  # DCM 121071
+PROBABILITY: Final = _concept(codes.DCM.Probability)  # DCM 122157
+PRESENT: Final = _concept(codes.SCT.Present)  # SCT 52101004
+ABSENT: Final = _concept(codes.SCT.Absent)  # SCT 272519000
+NO_UNITS: Final = _concept(codes.UCUM.NoUnits)  # UCUM "1"
+# Contributing Equipment purpose: CID 7005 has no "Processing Algorithm" concept (and highdicom only
+# accepts CID 7005 codes), so the algorithm is declared as Processing Equipment (DCM 109102).
+PROCESSING_EQUIPMENT: Final = _concept(codes.DCM.ProcessingEquipment)
+# Procedure reported describes the imaging exam, not the algorithm (IHE AIR). SCT 399208008 is not
+# in pydicom's dictionary; CID 100 is extensible, and "XR Chest 2 Views" (LOINC 36643-5) would be
+# wrong for a single PA/AP image.
+CHEST_XRAY_PROCEDURE: Final = _sct("399208008", "Plain chest X-ray")
+
+AI_DISCLAIMER: Final = "AI-generated, not for diagnostic use"
+
+LOCAL_CODING_SCHEME: Final = CodingSchemeIdentificationItem(
+    designator=LOCAL_SCHEME_DESIGNATOR,
+    name="cxr-gateway local finding codes",
+    version="1",
+    responsible_organization="cxr-gateway",
+)
+
+# Shared instances: pass `finding_code(label)` (a copy) into datasets you will modify.
+FINDING_CODES: Final[dict[str, CodedConcept]] = {
+    "Atelectasis": _sct("46621007", "Atelectasis"),
+    "Cardiomegaly": _concept(codes.SCT.Cardiomegaly),  # 287272002
+    "Effusion": _concept(codes.SCT.PleuralEffusion),  # 60046008
+    "Infiltration": _concept(codes.DCM.Infiltrate),  # DCM 112121
+    "Mass": _concept(codes.SCT.Mass),  # 4147007
+    "Nodule": _concept(codes.SCT.Nodule),  # 27925004
+    "Pneumonia": _sct("233604007", "Pneumonia"),
+    "Pneumothorax": _concept(codes.SCT.Pneumothorax),  # 36118008
+    "Consolidation": _sct("95436008", "Lung consolidation"),
+    "Edema": _concept(codes.SCT.PulmonaryEdema),  # 19242006
+    "Emphysema": _sct("87433001", "Pulmonary emphysema"),
+    "Fibrosis": _concept(codes.SCT.Fibrosis),  # 112674009
+    "Pleural_Thickening": CodedConcept(
+        value="PLEURAL_THICK", scheme_designator=LOCAL_SCHEME_DESIGNATOR, meaning="Pleural thickening"
+    ),
+    "Hernia": _sct("84089009", "Hiatal hernia"),
+}
+
+DISPLAY_NAMES: Final[dict[str, str]] = {
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "Pleural effusion",
+    "Infiltration": "Infiltration",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+    "Consolidation": "Consolidation",
+    "Edema": "Edema",
+    "Emphysema": "Emphysema",
+    "Fibrosis": "Fibrosis",
+    "Pleural_Thickening": "Pleural thickening",
+    "Hernia": "Hernia",
+}
+
+
+def finding_code(label: str) -> CodedConcept:
+    """A fresh copy of the code for an NIH label (KeyError for unknown labels)."""
+    return deepcopy(FINDING_CODES[label])
+
+
+def display_name(label: str) -> str:
+    """Human-readable name of an NIH label; unknown labels fall back to the label with spaces."""
+    return DISPLAY_NAMES.get(label, label.replace("_", " "))

@@ -1,0 +1,417 @@
+"""Heatmap Secondary Capture: the X-ray with the top findings' heatmaps burned in, plus a legend.
+
+Layout: the display image (downscaled so the whole picture fits `max_side`) on the left, a black
+legend panel on the right with the disclaimer, the findings (colour, name, probability), the heat
+scale and the algorithm. Only algorithm information is written into the pixels, never anything from
+the patient/study header. The image part keeps the source's orientation and aspect, so Patient
+Orientation and (scaled) Pixel Spacing still hold for it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from pydicom.sr.codedict import codes
+from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
+
+from worker.dicom.codes import display_name
+from worker.dicom.sr import AlgorithmInfo, contributing_equipment, source_header
+
+__all__ = ["HEATMAP_SERIES_SUFFIX", "build_heatmap_sc", "render_heatmap_rgb"]
+
+HEATMAP_SERIES_SUFFIX = "AI heatmap - not for diagnostic use"
+_DISCLAIMER_LINES = ("AI-generated heatmap", "NOT for diagnostic use")
+
+RGB = tuple[int, int, int]
+# Distinct hues, in rank order; the top finding is drawn last, i.e. on top.
+_HUES: tuple[RGB, ...] = ((235, 30, 30), (0, 200, 255), (120, 255, 40))
+_MIN_HEAT = 0.2  # below this, no colour at all: weak activations are noise, not localisation
+_CONTOUR_HEAT = 0.5
+_MAX_ALPHA = 0.55
+_PANEL_RATIO = 0.36  # legend panel width relative to image height
+_MIN_LONG_SIDE = 1024  # small sources are enlarged so the legend stays legible
+# Names are copied verbatim from the source; highdicom's advice on their form is only log noise here.
+_PERSON_NAME_WARNING = ".*unlikely to represent the intended person name.*"
+_LOSSY_METHODS = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEG2000: "ISO_15444_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+}
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    rgb: npt.NDArray[np.uint8]
+    image_rows: int
+    image_columns: int
+
+
+def render_heatmap_rgb(
+    image: npt.NDArray[np.floating],
+    heatmaps: Mapping[str, npt.NDArray[np.floating]],
+    probabilities: Mapping[str, float],
+    *,
+    caption: str = "",
+    max_side: int = 2048,
+    max_findings: int = 3,
+) -> npt.NDArray[np.uint8]:
+    """Render the heatmap picture as an (rows, columns, 3) uint8 RGB array.
+
+    `image`: display pixels in [0, 1] (bone bright); `heatmaps`: NIH label → 2-D heat in [0, 1] at
+    any resolution covering the whole image; `probabilities`: NIH label → probability. The
+    `max_findings` most probable findings that have a heatmap are overlaid. `caption` (e.g. the
+    algorithm name and version) is written at the foot of the legend.
+    """
+    return _render(
+        image, heatmaps, probabilities, caption=caption, max_side=max_side, max_findings=max_findings
+    ).rgb
+
+
+def build_heatmap_sc(
+    source: pydicom.Dataset,
+    image: npt.NDArray[np.floating],
+    heatmaps: Mapping[str, npt.NDArray[np.floating]],
+    probabilities: Mapping[str, float],
+    algorithm: AlgorithmInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9902,
+    instance_number: int = 1,
+    max_side: int = 2048,
+) -> pydicom.Dataset:
+    """Build the heatmap Secondary Capture for `source`, in the same study, referencing it as source."""
+    pixels = np.asarray(image)
+    rows, columns = int(source.Rows), int(source.Columns)
+    if pixels.shape != (rows, columns):
+        raise ValueError(f"image shape {pixels.shape} does not match the source's {rows} x {columns}")
+    rendered = _render(
+        pixels,
+        heatmaps,
+        probabilities,
+        caption=f"{algorithm.name} {algorithm.version}",
+        max_side=max_side,
+        max_findings=3,
+    )
+    header = source_header(source)
+
+    orientation = _patient_orientation(source)
+    anatomical = str(source.get("AnatomicalOrientationType") or "") or None
+    spacing = _scaled_spacing(source, rows / rendered.image_rows, columns / rendered.image_columns)
+    prefix = f"{algorithm.name} "
+    room = 64 - len(HEATMAP_SERIES_SUFFIX)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=header,
+            pixel_array=rendered.rgb,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=algorithm.manufacturer,
+            # highdicom insists on an orientation for PATIENT images; an unknown one is blanked below.
+            patient_orientation=orientation or ("L", "F"),
+            # Only with a real orientation: the placeholder is a biped one.
+            anatomical_orientation_type=anatomical if orientation is not None else None,
+            pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom mis-annotates it as ints
+            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+            contributing_equipment=[contributing_equipment(algorithm)],
+            series_description=(prefix if len(prefix) <= room else "") + HEATMAP_SERIES_SUFFIX,
+            manufacturer_model_name=algorithm.model_name,
+            software_versions=algorithm.software_version,
+        )
+    if orientation is None:
+        sc.PatientOrientation = []  # Type 2: empty when unknown rather than invented
+        if anatomical is not None:
+            sc.AnatomicalOrientationType = anatomical
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = (
+        f"Heatmaps of the top findings by {algorithm.name} {algorithm.version} "
+        f"(bundle {algorithm.bundle_hash}) over the source image; AI-generated, not for diagnostic use"
+    )[:1024]
+    reference = pydicom.Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    sc.SourceImageSequence = [reference]
+    # Only General Series attributes: View Position and Image Laterality are not in the SC IOD, so
+    # Image Laterality survives as series Laterality (Type 2C: R or L, else empty).
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    if laterality is not None:
+        sc.Laterality = laterality if laterality in ("R", "L") else ""
+    _carry_lossy_history(source, sc)
+    return sc
+
+
+def _render(
+    image: npt.NDArray[np.floating],
+    heatmaps: Mapping[str, npt.NDArray[np.floating]],
+    probabilities: Mapping[str, float],
+    *,
+    caption: str,
+    max_side: int,
+    max_findings: int,
+) -> _Rendered:
+    grey = np.asarray(image, dtype=np.float32)
+    if grey.ndim != 2 or min(grey.shape) < 2:
+        raise ValueError(f"image must be 2-D, got shape {grey.shape}")
+    if max_side < 64:
+        raise ValueError("max_side must be at least 64")
+    grey = np.clip(np.nan_to_num(grey, nan=0.0), 0.0, 1.0)
+    rows, columns = grey.shape
+
+    # Fit (image + panel) into max_side; enlarge small sources up to _MIN_LONG_SIDE for legibility.
+    natural_long = max(rows, columns + _PANEL_RATIO * rows)
+    target_long = min(max_side, max(natural_long, _MIN_LONG_SIDE))
+    scale = target_long / natural_long
+    height = max(1, min(max_side, round(rows * scale)))
+    width = max(1, round(columns * scale))
+    panel_width = max(1, min(max_side - width, round(_PANEL_RATIO * height)))
+    grey_small = _resize(grey, width, height)
+
+    chosen = _top_findings(heatmaps, probabilities, max_findings)
+    picture = np.repeat(grey_small[:, :, None], 3, axis=2)
+    contours: list[tuple[RGB, npt.NDArray[np.bool_], int, tuple[int, int]]] = []
+    # Paint the least probable first so the most probable ends up on top.
+    for rank in reversed(range(len(chosen))):
+        label = chosen[rank]
+        heat = np.clip(np.nan_to_num(_resize(_as_heatmap(label, heatmaps[label]), width, height)), 0.0, 1.0)
+        colour = np.asarray(_HUES[rank], dtype=np.float32) / 255.0
+        alpha = _MAX_ALPHA * np.clip((heat - _MIN_HEAT) / (1.0 - _MIN_HEAT), 0.0, 1.0)
+        picture = picture * (1.0 - alpha[:, :, None]) + colour[None, None, :] * alpha[:, :, None]
+        peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        if float(heat.max()) >= _MIN_HEAT:
+            contours.append((_HUES[rank], heat >= _CONTOUR_HEAT, rank + 1, (int(peak[0]), int(peak[1]))))
+
+    canvas = Image.new("RGB", (width + panel_width, height), (0, 0, 0))
+    canvas.paste(Image.fromarray(np.round(picture * 255.0).astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    unit = max(height, 400)
+    line = max(2, round(unit / 450))
+    for hue, mask, number, (peak_row, peak_col) in contours:
+        _draw_outline(canvas, mask, hue, line)
+        marker_font = _font(max(14, round(unit / 30)))
+        draw.text(
+            (peak_col, peak_row),
+            str(number),
+            font=marker_font,
+            fill=hue,
+            anchor="mm",
+            stroke_width=max(2, line),
+            stroke_fill=(0, 0, 0),
+        )
+    _draw_legend(
+        draw,
+        left=width,
+        width=panel_width,
+        height=height,
+        findings=[(label, float(probabilities[label])) for label in chosen],
+        caption=caption,
+    )
+    return _Rendered(rgb=np.asarray(canvas, dtype=np.uint8), image_rows=height, image_columns=width)
+
+
+def _top_findings(
+    heatmaps: Mapping[str, npt.NDArray[np.floating]], probabilities: Mapping[str, float], limit: int
+) -> list[str]:
+    candidates = [
+        label for label in probabilities if label in heatmaps and math.isfinite(probabilities[label])
+    ]
+    # Stable sort keeps the caller's (NIH) order among equal probabilities.
+    return sorted(candidates, key=lambda label: -float(probabilities[label]))[: max(0, limit)]
+
+
+def _as_heatmap(label: str, heat: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    array = np.asarray(heat, dtype=np.float32)
+    if array.ndim > 2:  # CAMs often come as (1, h, w); a real extra axis still fails below
+        array = array.reshape([n for n in array.shape if n != 1] or [1, 1])
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f"heatmap for {label} must be 2-D, got shape {array.shape}")
+    return array
+
+
+def _resize(array: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.float32]:
+    if array.shape == (height, width):
+        return array
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32))
+    shrinking = width < array.shape[1] and height < array.shape[0]
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(image.resize((width, height), method), dtype=np.float32)
+
+
+def _draw_outline(canvas: Image.Image, mask: npt.NDArray[np.bool_], hue: RGB, thickness: int) -> None:
+    if not mask.any():
+        return
+    region = Image.fromarray(mask.astype(np.uint8) * 255)
+    size = 2 * thickness + 1
+    outline = np.asarray(region.filter(ImageFilter.MaxFilter(size)), dtype=np.int16) - np.asarray(
+        region.filter(ImageFilter.MinFilter(size)), dtype=np.int16
+    )
+    stroke = Image.fromarray((outline > 0).astype(np.uint8) * 255)
+    canvas.paste(Image.new("RGB", stroke.size, hue), (0, 0), stroke)
+
+
+def _draw_legend(
+    draw: ImageDraw.ImageDraw,
+    *,
+    left: int,
+    width: int,
+    height: int,
+    findings: Sequence[tuple[str, float]],
+    caption: str,
+) -> None:
+    margin = max(6, round(width * 0.06))
+    inner = width - 2 * margin
+    big = _fitting_font(draw, _DISCLAIMER_LINES, inner, max(10, round(height / 30)))
+    medium = _font(max(9, round(height / 38)))
+    small = _font(max(8, round(height / 52)))
+    x = left + margin
+    y = margin
+
+    def write(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, fill: RGB) -> None:
+        nonlocal y
+        for part in _wrap(draw, text, font, inner):
+            draw.text((x, y), part, font=font, fill=fill)
+            y += _line_height(font)
+
+    for text in _DISCLAIMER_LINES:
+        write(text, big, (255, 215, 0))
+    y += _line_height(medium)
+
+    write("Findings (probability)", medium, (255, 255, 255))
+    y += _line_height(small) // 2
+    bar_height = max(6, _line_height(small) // 2)
+    if not findings:
+        write("No finding heatmaps", medium, (200, 200, 200))
+    for rank, (label, probability) in enumerate(findings):
+        hue = _HUES[rank]
+        write(f"{rank + 1}  {display_name(label)}  {_percent(probability)}", medium, hue)
+        _gradient_bar(draw, x, y, inner, bar_height, hue)
+        y += bar_height + _line_height(small) // 2
+    if findings:
+        write(f"bar: heat {_MIN_HEAT:.1f} (clear) to 1.0;", small, (200, 200, 200))
+        write(f"outline at heat {_CONTOUR_HEAT:.1f}", small, (200, 200, 200))
+
+    footer = [caption] if caption else []
+    footer.append("Overlay: top findings by probability")
+    lines = [part for text in footer for part in _wrap(draw, text, small, inner)]
+    y = max(y, height - margin - len(lines) * _line_height(small))
+    for part in lines:
+        draw.text((x, y), part, font=small, fill=(200, 200, 200))
+        y += _line_height(small)
+
+
+def _gradient_bar(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, height: int, hue: RGB) -> None:
+    # Same blend as the overlay, on mid grey: what the heat looks like on the image.
+    base = np.full(3, 0.5, dtype=np.float32)
+    colour = np.asarray(hue, dtype=np.float32) / 255.0
+    for offset in range(max(1, width)):
+        alpha = _MAX_ALPHA * offset / max(1, width - 1)
+        mixed = base * (1.0 - alpha) + colour * alpha
+        fill = (round(float(mixed[0]) * 255), round(float(mixed[1]) * 255), round(float(mixed[2]) * 255))
+        draw.line([(x + offset, y), (x + offset, y + height - 1)], fill=fill)
+
+
+def _wrap(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> list[str]:
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if current and draw.textlength(candidate, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    return lines
+
+
+def _fitting_font(
+    draw: ImageDraw.ImageDraw, lines: Sequence[str], width: int, largest: int
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The largest font up to `largest` px in which every line fits `width` (so none wraps)."""
+    size = largest
+    while size > 8:
+        font = _font(size)
+        if all(draw.textlength(text, font=font) <= width for text in lines):
+            return font
+        size -= 1
+    return _font(size)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _line_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
+    top, bottom = font.getbbox("Ag")[1::2]
+    return math.ceil((bottom - top) * 1.35) + 1
+
+
+def _percent(probability: float) -> str:
+    percent = 100.0 * probability
+    if 0.0 < percent < 1.0:
+        return "<1%"
+    return f"{percent:.0f}%"
+
+
+def _patient_orientation(source: pydicom.Dataset) -> tuple[str, str] | None:
+    values = [str(value) for value in (source.get("PatientOrientation") or [])]
+    if len(values) != 2 or not all(values):
+        return None
+    anatomical = str(source.get("AnatomicalOrientationType") or "BIPED")
+    allowed = (
+        hd.PatientOrientationValuesQuadruped
+        if anatomical == "QUADRUPED"
+        else hd.PatientOrientationValuesBiped
+    )
+    try:
+        for value in values:
+            allowed(value)
+    except ValueError:
+        return None  # combined directions ("LP") and the like: leave the attribute empty
+    return values[0], values[1]
+
+
+def _scaled_spacing(
+    source: pydicom.Dataset, row_factor: float, column_factor: float
+) -> tuple[float, float] | None:
+    spacing = [float(value) for value in (source.get("PixelSpacing") or [])]
+    if len(spacing) != 2 or min(spacing) <= 0:  # zero spacing is a real-world quirk: omit
+        return None
+    return round(spacing[0] * row_factor, 6), round(spacing[1] * column_factor, 6)
+
+
+def _carry_lossy_history(source: pydicom.Dataset, sc: pydicom.Dataset) -> None:
+    """A derived image inherits "lossy compressed" from any lossy ancestor (PS3.3 C.7.6.1.1.5)."""
+    file_meta = getattr(source, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if source.get("LossyImageCompression") == "01":
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionMethod", "LossyImageCompressionRatio"):
+            if source.get(keyword):
+                setattr(sc, keyword, source.get(keyword))
+    elif syntax in _LOSSY_METHODS:
+        sc.LossyImageCompression = "01"
+        sc.LossyImageCompressionMethod = _LOSSY_METHODS[syntax]
