@@ -1,0 +1,105 @@
+"""The worker pipeline as a plain function on real spooled files and a real SQLite database."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from service.core.db import make_session_factory, migrate
+from service.core.models import Delivery, Instance, Job, JobEvent, Study
+from service.core.settings import Destination, Settings, load_settings
+from service.core.status import JobStatus, ReasonCode
+from service.scp import spool
+from tests.support.dciodvfy import dciodvfy_errors
+from worker.pipeline import Runtime, process_study
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Runtime:
+    settings = load_settings(
+        data_dir=tmp_path, destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=104)]
+    )
+    migrate(settings)
+    return Runtime(settings=settings, sessions=make_session_factory(settings))
+
+
+def _enqueue_files(rt: Runtime, files: list[Path]) -> str:
+    settings: Settings = rt.settings
+    first = dcmread(files[0], stop_before_pixels=True)
+    with rt.sessions.begin() as s:
+        study = Study(study_instance_uid=str(first.StudyInstanceUID))
+        s.add(study)
+        s.flush()
+        for path in files:
+            ds = dcmread(path, stop_before_pixels=True)
+            rel = spool.relative_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+            (settings.spool_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, settings.spool_dir / rel)
+            s.add(
+                Instance(
+                    study_id=study.id,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    spool_path=str(rel),
+                    size_bytes=path.stat().st_size,
+                    sha256="x",
+                    calling_ae_title="TEST",
+                )
+            )
+        job = Job(study_id=study.id, status=JobStatus.QUEUED, queued_at=datetime.now(UTC))
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def test_chest_study_gives_sr_and_sc_and_deliveries(runtime: Runtime, shared_dir: Path) -> None:
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    delivery_ids = process_study(job_id, runtime)
+    assert len(delivery_ids) == 2  # SR + SC to one destination
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.DONE
+        assert job.result is not None
+        image = job.result["images"][0]
+        assert image["inverted_by_label"] is True
+        assert len(image["probabilities"]) == 14
+        kinds = sorted(d.kind for d in s.scalars(select(Delivery)))
+        assert kinds == ["sc", "sr"]
+        events = s.scalars(select(JobEvent.status).where(JobEvent.job_id == job_id)).all()
+        assert events[-2:] == [JobStatus.RUNNING, JobStatus.DONE]
+        paths = [runtime.settings.output_dir / d.output_path for d in s.scalars(select(Delivery))]
+    for path in paths:
+        assert dciodvfy_errors(path) == []
+    # Idempotent: the same job again does nothing new.
+    assert process_study(job_id, runtime) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("cr-tibia-j2k-lossless.dcm", ReasonCode.NOT_CHEST),
+        ("dx-canine-lateral-thorax.dcm", ReasonCode.TOO_SMALL),
+    ],
+)
+def test_non_chest_study_is_skipped_with_a_reason_and_a_not_analysed_sr(
+    runtime: Runtime, shared_dir: Path, name: str, reason: ReasonCode
+) -> None:
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/not-chest" / name])
+    delivery_ids = process_study(job_id, runtime)
+    assert len(delivery_ids) == 1
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert job.status == JobStatus.SKIPPED
+        assert job.reason_code == reason
+        delivery = s.scalars(select(Delivery)).one()
+        assert delivery.kind == "sr"
+        out = runtime.settings.output_dir / delivery.output_path
+    assert dciodvfy_errors(out) == []
+    assert "not for diagnostic use" in str(dcmread(out).SeriesDescription).lower()
