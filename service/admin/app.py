@@ -14,9 +14,11 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from service.core.models import Job
+from service.core import tasks
+from service.core.models import Delivery, Job
+from service.core.queue import enqueue, make_celery
 from service.core.settings import Settings
-from service.core.status import JobStatus
+from service.core.status import DeliveryStatus, JobStatus
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -32,6 +34,8 @@ class StageTimes(BaseModel):
 
 
 class DeliveryOut(BaseModel):
+    id: int
+    job_id: str
     ae_title: str
     kind: str
     status: str
@@ -60,6 +64,18 @@ class JobPage(BaseModel):
     items: list[JobOut]
 
 
+def _delivery_out(d: Delivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=d.id,
+        job_id=d.job_id,
+        ae_title=d.ae_title,
+        kind=d.kind,
+        status=d.status,
+        attempts=d.attempts,
+        delivered_at=d.delivered_at,
+    )
+
+
 def _seconds(a: datetime | None, b: datetime | None) -> float | None:
     return round((b - a).total_seconds(), 3) if a and b else None
 
@@ -83,16 +99,7 @@ def _job_out(job: Job, detail: bool = False) -> JobOut:
         "attempts": job.attempts,
         "created_at": job.created_at,
         "stages": stages,
-        "deliveries": [
-            DeliveryOut(
-                ae_title=d.ae_title,
-                kind=d.kind,
-                status=d.status,
-                attempts=d.attempts,
-                delivered_at=d.delivered_at,
-            )
-            for d in job.deliveries
-        ],
+        "deliveries": [_delivery_out(d) for d in job.deliveries],
     }
     if detail:
         return JobDetailOut(**fields, result=job.result)
@@ -112,6 +119,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     app = FastAPI(title="cxr-gateway", version="0.1.0")
     app.state.settings = settings
     app.state.sessions = sessions
+    celery = make_celery(settings)
 
     def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: int) -> JobPage:
         stmt = select(Job).options(selectinload(Job.deliveries))
@@ -141,6 +149,31 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         if job is None:
             raise HTTPException(status_code=404, detail="job not found")
         return _job_out(job, detail=True)
+
+    @app.get("/api/deliveries", response_model=list[DeliveryOut], tags=["deliveries"])
+    def api_deliveries(
+        session: DB,
+        status: DeliveryStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> list[DeliveryOut]:
+        stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(Delivery.status == status)
+        return [_delivery_out(d) for d in session.scalars(stmt)]
+
+    @app.post("/api/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"])
+    def api_replay(delivery_id: int, session: DB) -> DeliveryOut:
+        """Send a dead-lettered (or still retrying) output again."""
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            raise HTTPException(status_code=404, detail="delivery not found")
+        if delivery.status == DeliveryStatus.DELIVERED:
+            raise HTTPException(status_code=409, detail="already delivered")
+        delivery.status = DeliveryStatus.PENDING
+        delivery.last_error = None
+        session.commit()
+        enqueue(celery, tasks.DELIVER, delivery_id)
+        return _delivery_out(delivery)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def jobs_page(

@@ -175,18 +175,23 @@ class OrthancServer:
         cfg.update(self.extra_config)
         return cfg
 
-    def start(self, attempts: int = 3) -> OrthancServer:
-        """Start Orthanc and wait until REST /system answers; retried on new ports (free_port races)."""
+    def start(self, attempts: int = 3, *, keep_ports: bool = False) -> OrthancServer:
+        """Start Orthanc and wait until REST /system answers; retried on new ports (free_port races).
+
+        ``keep_ports`` restarts a stopped server on its previous ports (a PACS coming back after an outage).
+        """
         if self._proc is not None:
             return self
         if not os.access(self.binary, os.X_OK):
             raise OrthancError(f"Orthanc binary not found/executable: {self.binary}")
         last_error = ""
-        for _ in range(attempts):
-            self.http_port = free_port()
-            self.dicom_port = free_port()
-            while self.dicom_port == self.http_port:
+        reuse = keep_ports and self.http_port and self.dicom_port
+        for _ in range(1 if reuse else attempts):
+            if not reuse:
+                self.http_port = free_port()
                 self.dicom_port = free_port()
+                while self.dicom_port == self.http_port:
+                    self.dicom_port = free_port()
             self.config_path.write_text(json.dumps(self.config(), indent=2))
             args = [self.binary]
             if self.verbose:

@@ -1,0 +1,185 @@
+"""What comes back to the PACS, through the real path: every chest encoding, non-chest input, re-runs,
+a destination that goes away and comes back, and one that refuses until an admin fixes it and replays."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import httpx
+import pytest
+from pydicom import dcmread
+
+from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.dcmtk import storescu
+from tests.support.gateway import GatewayProcesses
+from tests.support.orthanc import OrthancServer
+from tests.support.studies import with_fresh_uids
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+CHEST_FILES = [
+    "cr-pa-mono1-explicit-le.dcm",
+    "cr-pa-mono1-j2k-lossless.dcm",
+    "cr-pa-mono1-j2k-lossy.dcm",
+    "sc-pa-jpeg-baseline.dcm",
+    "sc-pa-jpeg-baseline-mono1-label.dcm",
+]
+
+
+def _gateway(tmp_path: Path, orthanc: OrthancServer, **env: str) -> GatewayProcesses:
+    dest = [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]
+    return GatewayProcesses(tmp_path / "gw", destinations=dest, env=env)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, orthanc: OrthancServer) -> Iterator[GatewayProcesses]:
+    with _gateway(tmp_path, orthanc) as gw:
+        try:
+            yield gw
+        except BaseException:
+            print(gw.log_tail(200))
+            raise
+
+
+def _send(gw: GatewayProcesses, files: list[Path]) -> None:
+    result = storescu("127.0.0.1", gw.listener_port, files, called_aet=gw.ae_title)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _by_study(orthanc: OrthancServer, tmp_path: Path) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for iid in orthanc.instances():
+        ds = dcmread(orthanc.download_instance(iid, tmp_path / f"got-{iid}.dcm"))
+        out.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+    return out
+
+
+def _dsrdump(path: str) -> str:
+    return subprocess.run(["dsrdump", "+Pt", path], capture_output=True, text=True, check=True).stdout
+
+
+def test_every_chest_encoding_gets_a_valid_sr_and_sc(
+    gateway: GatewayProcesses, orthanc: OrthancServer, shared_dir: Path, tmp_path: Path
+) -> None:
+    sources = [with_fresh_uids(shared_dir / "dicom/chest" / n, tmp_path / "in" / n) for n in CHEST_FILES]
+    _send(gateway, sources)
+    orthanc.wait_for_instances(2 * len(sources), timeout=300)
+    studies = _by_study(orthanc, tmp_path)
+    for src_path in sources:
+        src = dcmread(src_path, stop_before_pixels=True)
+        outputs = studies[str(src.StudyInstanceUID)]
+        assert sorted(str(d.SOPClassUID) for d in outputs) == sorted([SR, SC]), src_path.name
+        for ds in outputs:
+            assert dciodvfy_errors(Path(ds.filename)) == [], (src_path.name, ds.SOPClassUID)
+        sr = next(d for d in outputs if d.SOPClassUID == SR)
+        sc = next(d for d in outputs if d.SOPClassUID == SC)
+        hd.sr.Comprehensive3DSR.from_dataset(sr)  # highdicom reads it back
+        dump = _dsrdump(sr.filename)
+        assert "# TID 1500 (DCMR)" in dump
+        assert dump.count("# TID 1501 (DCMR)") == 14  # one measurement group per finding
+        assert dump.count('NUM:(,,"Probability")') == 14
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    jobs = gateway.wait_for_jobs(
+        lambda js: len(js) == len(sources) and all(j["status"] == "done" for j in js)
+    )
+    trap = [
+        j for j in jobs if gateway.api(f"/api/jobs/{j['id']}")["result"]["images"][0]["inverted_by_heuristic"]
+    ]
+    assert len(trap) == 1, "only the MONOCHROME1-labelled SC trap is flipped back by the image check"
+
+
+def test_non_chest_input_gets_a_not_analysed_sr(
+    gateway: GatewayProcesses, orthanc: OrthancServer, shared_dir: Path, tmp_path: Path
+) -> None:
+    sources = [shared_dir / "dicom/not-chest/cr-tibia-j2k-lossless.dcm"]
+    _send(gateway, sources)
+    orthanc.wait_for_instances(1, timeout=120)
+    time.sleep(2)  # nothing else may arrive
+    studies = _by_study(orthanc, tmp_path)
+    (outputs,) = studies.values()
+    assert [str(d.SOPClassUID) for d in outputs] == [SR]
+    assert dciodvfy_errors(Path(outputs[0].filename)) == []
+    assert "not_chest" in _dsrdump(outputs[0].filename)
+    (job,) = gateway.wait_for_jobs(lambda js: js and js[0]["status"] == "skipped")
+    assert job["reason_code"] == "not_chest"
+
+
+def test_rerun_replaces_instead_of_duplicating(
+    gateway: GatewayProcesses, orthanc: OrthancServer, shared_dir: Path, tmp_path: Path
+) -> None:
+    first = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
+    study_uid = str(dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    _send(gateway, [first])
+    orthanc.wait_for_instances(2, timeout=120)
+    gateway.wait_for_jobs(lambda js: js and js[0]["status"] == "done")
+    # A late image for the same study: a re-run over both images, whose outputs for the first image
+    # carry the same UIDs as before, so the PACS holds one SR and one SC per image.
+    second = with_fresh_uids(
+        shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossy.dcm", tmp_path / "b.dcm", study_uid=study_uid
+    )
+    _send(gateway, [second])
+    gateway.wait_for_jobs(lambda js: len(js) == 2 and all(j["status"] == "done" for j in js))
+    ids = orthanc.wait_for_instances(4, timeout=120)
+    time.sleep(3)
+    assert len(orthanc.instances()) == 4 == len(ids)
+    # And sending the very same instances again changes nothing at all.
+    _send(gateway, [first, second])
+    time.sleep(4)
+    assert len(gateway.api("/api/jobs")["items"]) == 2
+    assert len(orthanc.instances()) == 4
+
+
+def test_destination_down_then_back(tmp_path: Path, orthanc: OrthancServer, shared_dir: Path) -> None:
+    source = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
+    with _gateway(tmp_path, orthanc, CXR_DELIVERY_MAX_RETRIES="8") as gw:
+        orthanc.stop()
+        _send(gw, [source])
+        gw.wait_for_jobs(lambda js: js and any(d["status"] == "retrying" for d in js[0]["deliveries"]))
+        orthanc.start(keep_ports=True)
+        jobs = gw.wait_for_jobs(
+            lambda js: (
+                js
+                and len(js[0]["deliveries"]) == 2
+                and all(d["status"] == "delivered" for d in js[0]["deliveries"])
+            ),
+            timeout=180,
+        )
+        assert max(d["attempts"] for d in jobs[0]["deliveries"]) >= 2
+        assert len(orthanc.instances()) == 2
+
+
+def test_refusing_destination_dead_letters_and_replay_delivers(
+    tmp_path: Path, orthanc_factory: Any, shared_dir: Path
+) -> None:
+    # This PACS only takes stores from known modalities, and does not know us yet.
+    pacs: OrthancServer = orthanc_factory(
+        extra_config={"DicomAlwaysAllowStore": False, "DicomCheckModalityHost": False}
+    )
+    source = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
+    with _gateway(tmp_path, pacs) as gw:
+        _send(gw, [source])
+        gw.wait_for_jobs(
+            lambda js: (
+                js
+                and len(js[0]["deliveries"]) == 2
+                and all(d["status"] == "dead_letter" for d in js[0]["deliveries"])
+            ),
+            timeout=180,
+        )
+        dead = gw.api("/api/deliveries?status=dead_letter")
+        assert len(dead) == 2
+        assert pacs.instances() == []
+        pacs.add_modality("GATEWAY", "CXR_GATEWAY", "127.0.0.1", gw.listener_port)
+        for d in dead:
+            r = httpx.post(f"{gw.dashboard_url}/api/deliveries/{d['id']}/replay", timeout=10)
+            assert r.status_code == 200
+        gw.wait_for_jobs(lambda js: all(d["status"] == "delivered" for d in js[0]["deliveries"]), timeout=120)
+        assert len(pacs.instances()) == 2
