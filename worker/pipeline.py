@@ -17,7 +17,7 @@ from service.core.models import Delivery, Instance, Job
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus, ReasonCode
 from worker import __version__
-from worker.dicom.gate import check_header
+from worker.dicom.gate import GateRules, check_header
 from worker.dicom.pixels import PixelDataError, read_display_pixels
 from worker.dicom.sc import build_heatmap_sc
 from worker.dicom.sr import AlgorithmInfo, FindingResult, build_findings_sr, build_not_analysed_sr
@@ -48,6 +48,13 @@ class Runtime:
                 load_bundle(self.settings.model_bundle), threads=self.settings.torch_threads
             )
         return self._predictor
+
+    @property
+    def gate_rules(self) -> GateRules:
+        s = self.settings
+        return GateRules.from_lists(
+            s.gate_modalities, s.gate_body_parts, s.gate_view_positions, s.gate_min_side
+        )
 
     @property
     def bundle(self) -> Bundle:
@@ -149,7 +156,7 @@ def _analyse(
             continue
         ds = dcmread(path)
         received.append(ds)
-        decision = check_header(ds)
+        decision = check_header(ds, rt.gate_rules)
         if not decision.eligible:
             gate[sop_uid] = decision.reason
             continue

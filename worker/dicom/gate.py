@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.uid import UID
 
 from service.core.status import ReasonCode
 
@@ -14,14 +14,32 @@ IMAGE_SOP_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.1",  # CR
         "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
         "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
-        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (digitised film, scanned or exported CXRs)
     }
 )
-MODALITIES = frozenset({"CR", "DX"})
-CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", ""})
-FRONTAL_VIEWS = frozenset({"PA", "AP", ""})
-# Chest radiographs are digitised at 1k-4k pixels a side; below this nothing sensible can be read.
-MIN_SIDE = 256
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass(frozen=True)
+class GateRules:
+    modalities: frozenset[str] = frozenset({"CR", "DX"})
+    body_parts: frozenset[str] = frozenset({"CHEST", "THORAX", "LUNG", ""})
+    view_positions: frozenset[str] = frozenset({"PA", "AP", ""})
+    # Chest radiographs are digitised at 1k-4k pixels a side; below this nothing sensible can be read.
+    min_side: int = 256
+
+    @classmethod
+    def from_lists(
+        cls,
+        modalities: Iterable[str],
+        body_parts: Iterable[str],
+        view_positions: Iterable[str],
+        min_side: int,
+    ) -> GateRules:
+        def norm(values: Iterable[str]) -> frozenset[str]:
+            return frozenset(v.strip().upper() for v in values)
+
+        return cls(norm(modalities), norm(body_parts), norm(view_positions), min_side)
 
 
 @dataclass(frozen=True)
@@ -42,22 +60,25 @@ def _upper(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip().upper()
 
 
-def check_header(ds: Dataset) -> GateDecision:
-    if UID(str(ds.get("SOPClassUID", ""))) not in IMAGE_SOP_CLASSES or "PixelData" not in ds:
+def check_header(ds: Dataset, rules: GateRules | None = None) -> GateDecision:
+    rules = rules or GateRules()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in IMAGE_SOP_CLASSES or "PixelData" not in ds:
         return GateDecision.reject(ReasonCode.NOT_IMAGE_OBJECT)
     modality = _upper(ds, "Modality")
-    if modality not in MODALITIES and not (modality in {"OT", ""} and ds.SOPClassUID.endswith(".7")):
+    # A Secondary Capture of a chest film often says OT or nothing: let the other rules decide.
+    sc_without_modality = sop_class == SECONDARY_CAPTURE and modality in {"OT", ""}
+    if modality not in rules.modalities and not sc_without_modality:
         return GateDecision.reject(ReasonCode.UNSUPPORTED_MODALITY)
+    # Veterinary images carry a species (PS3.3 C.7.1.1); humans do not.
     if ds.get("PatientSpeciesDescription") or ds.get("PatientSpeciesCodeSequence"):
         return GateDecision.reject(ReasonCode.NOT_CHEST)
-    body_part = _upper(ds, "BodyPartExamined")
-    if body_part not in CHEST_BODY_PARTS:
+    if _upper(ds, "BodyPartExamined") not in rules.body_parts:
         return GateDecision.reject(ReasonCode.NOT_CHEST)
-    view = _upper(ds, "ViewPosition")
-    if view not in FRONTAL_VIEWS:
+    if _upper(ds, "ViewPosition") not in rules.view_positions:
         return GateDecision.reject(ReasonCode.NOT_FRONTAL)
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
         return GateDecision.reject(ReasonCode.NOT_2D_GREY)
-    if min(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) < MIN_SIDE:
+    if min(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) < rules.min_side:
         return GateDecision.reject(ReasonCode.TOO_SMALL)
     return GateDecision.accept()

@@ -12,6 +12,10 @@ from numpy.typing import NDArray
 from worker.inference.bundle import Bundle
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @dataclass(frozen=True)
 class Prediction:
     probabilities: NDArray[np.float32]  # (n_images, n_labels), calibrated by the bundle's temperature
@@ -26,7 +30,9 @@ class Predictor:
     not one backward pass per class as Grad-CAM would.
     """
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self, bundle: Bundle, device: str = "cpu", threads: int = 0, cam_method: str = "auto"
+    ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.bundle = bundle
@@ -35,17 +41,50 @@ class Predictor:
         self.preprocess = bundle.preprocessing()
         head = getattr(getattr(self.net, "class_layers", None), "out", None)
         features = getattr(self.net, "features", None)
-        if not isinstance(head, torch.nn.Linear) or not isinstance(features, torch.nn.Module):
-            raise TypeError("CAM needs a network with .features and .class_layers.out (MONAI DenseNet)")
-        self._features: torch.nn.Module = features
-        self._head: torch.nn.Linear = head
+        has_cam_head = isinstance(head, torch.nn.Linear) and isinstance(features, torch.nn.Module)
+        if cam_method == "auto":
+            cam_method = "cam" if has_cam_head else "gradcam"
+        self.cam_method = cam_method
+        if cam_method == "cam":
+            if not has_cam_head:
+                raise TypeError("CAM needs a network with .features and .class_layers.out (MONAI DenseNet)")
+            assert isinstance(head, torch.nn.Linear) and isinstance(features, torch.nn.Module)
+            self._features: torch.nn.Module = features
+            self._head: torch.nn.Linear = head
+        elif cam_method == "gradcam":
+            # Any other network: MONAI Grad-CAM on the layer the bundle names (one backward pass per class).
+            from monai.visualize import GradCAM
+
+            layer = str(bundle.metadata.get("cam_target_layer", "class_layers.relu"))
+            # MONAI's default post-processing maps (min, max) to (1, 0); keep raw magnitudes instead.
+            self._gradcam = GradCAM(nn_module=self.net, target_layers=layer, postprocessing=_identity)
+        else:
+            raise ValueError(f"unknown cam_method {cam_method!r}")
 
     def _batch(self, images: Sequence[NDArray[np.float32]]) -> torch.Tensor:
         tensors = [torch.as_tensor(np.asarray(self.preprocess(img))) for img in images]
         return torch.stack(tensors).float().to(self.device)
 
-    @torch.inference_mode()
     def predict(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
+        if self.cam_method == "gradcam":
+            return self._predict_gradcam(images)
+        return self._predict_cam(images)
+
+    def _predict_gradcam(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
+        x = self._batch(images)
+        with torch.inference_mode():
+            logits = self.net(x)
+        probs = torch.sigmoid(logits / self.bundle.temperature)
+        maps = [self._gradcam(x, class_idx=c)[:, 0] for c in range(logits.shape[1])]  # each (n, H, W)
+        cams = torch.relu(torch.stack(maps, dim=1).detach())
+        peak = cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+        return Prediction(
+            probabilities=probs.cpu().numpy().astype(np.float32),
+            cams=(cams / peak).cpu().numpy().astype(np.float32),
+        )
+
+    @torch.inference_mode()
+    def _predict_cam(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
         x = self._batch(images)
         fmap = torch.relu(self._features(x))  # (n, k, h, w)
         pooled = fmap.mean(dim=(2, 3))

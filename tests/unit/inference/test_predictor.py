@@ -57,3 +57,18 @@ def test_shipped_bundle_loads() -> None:
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert len(bundle.labels) == 14 and bundle.labels[0] == "Atelectasis"
     assert len(bundle.sha256) == 64
+
+
+def test_gradcam_fallback_agrees_with_cam(bundle_dir: Path) -> None:
+    """For global pooling + linear head, Grad-CAM at the pooled layer is the CAM up to scale."""
+    rng = np.random.default_rng(1)
+    images = [rng.random((224, 224), dtype=np.float32)]
+    bundle = load_bundle(bundle_dir)
+    cam = Predictor(bundle, cam_method="cam").predict(images)
+    grad = Predictor(bundle, cam_method="gradcam").predict(images)
+    np.testing.assert_allclose(cam.probabilities, grad.probabilities, atol=1e-5)
+    small = torch.nn.functional.interpolate(torch.as_tensor(grad.cams), size=cam.cams.shape[2:], mode="area")
+    for c in range(14):
+        a, b = cam.cams[0, c].ravel(), small[0, c].numpy().ravel()
+        if a.std() > 0 and b.std() > 0:
+            assert np.corrcoef(a, b)[0, 1] > 0.9
