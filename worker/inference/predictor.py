@@ -53,7 +53,7 @@ class Predictor:
             self._head: torch.nn.Linear = head
         elif cam_method == "gradcam":
             # Any other network: MONAI Grad-CAM on the layer the bundle names (one backward pass per class).
-            from monai.visualize import GradCAM
+            from monai.visualize.class_activation_maps import GradCAM
 
             layer = str(bundle.metadata.get("cam_target_layer", "class_layers.relu"))
             # MONAI's default post-processing maps (min, max) to (1, 0); keep raw magnitudes instead.
