@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
@@ -22,14 +22,33 @@ class Destination(BaseModel):
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
+    # C-STORE over TLS (contexts from ``service.core.tls.client_context``): BCP 195, TLS >= 1.2.
+    tls: bool = False
 
     @field_validator("ae_title")
     @classmethod
     def _strip(cls, v: str) -> str:
-        v = v.strip()
-        if not v or "\\" in v:
-            raise ValueError("AE title must be 1-16 characters without backslash")
-        return v
+        return _check_ae_title(v)
+
+
+def _check_ae_title(v: str) -> str:
+    v = v.strip()
+    if not v or "\\" in v:
+        raise ValueError("AE title must be 1-16 characters without backslash")
+    return v
+
+
+class Source(BaseModel):
+    """A DICOM peer allowed to send to the listener: its calling AE title AND its network address."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    # An IP address, a CIDR network ("10.1.2.0/24") or a host name resolved when the listener starts.
+    host: str = Field(min_length=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return _check_ae_title(v)
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -65,6 +84,22 @@ class Settings(BaseSettings):
     listener_port: int = 11112
     study_quiet_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
     max_associations: int = Field(default=16, ge=1)
+    # Peers allowed to send (calling AE title and source address); empty: any peer (logged at start).
+    sources: list[Source] = Field(default_factory=list)
+    listener_network_timeout: float = Field(default=60.0, gt=0, description="idle/stalled connection, s")
+    listener_acse_timeout: float = Field(default=30.0, gt=0, description="association negotiation, s")
+    listener_dimse_timeout: float = Field(default=60.0, gt=0, description="DIMSE message wait, s")
+    # Refuse C-STOREs (0xA700, the sender retries) while the spool's file system has less free space.
+    spool_min_free_bytes: int = Field(default=1024**3, ge=0)
+    spool_min_free_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    # TLS (BCP 195 non-downgrading: TLS >= 1.2). The TLS listener runs on its own port beside the plain one.
+    listener_tls_port: int | None = Field(default=None, ge=1, le=65535)
+    listener_plaintext: bool = Field(default=True, description="False: only the TLS port listens")
+    tls_certificate: Path | None = Field(default=None, description="PEM certificate (chain) we present")
+    tls_private_key: Path | None = Field(default=None, description="PEM private key of tls_certificate")
+    tls_ca_certificates: Path | None = Field(default=None, description="PEM CA bundle to verify peers")
+    tls_require_client_cert: bool = Field(default=False, description="mutual TLS on the listener")
+    tls_check_hostname: bool = Field(default=True, description="verify a destination's name/IP in its cert")
 
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080
@@ -80,6 +115,23 @@ class Settings(BaseSettings):
     delivery_retry_base_seconds: float = Field(default=5.0, ge=0.0)
 
     log_level: str = "INFO"
+
+    # Input gate (header rules; like MONAI Deploy's series-selection rules). An empty string in a list
+    # accepts images where the attribute is absent.
+    gate_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    gate_body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG", ""])
+    gate_view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP", ""])
+    gate_min_side: int = Field(default=256, ge=1, description="smallest Rows/Columns analysed")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if self.listener_tls_port is not None and not (self.tls_certificate and self.tls_private_key):
+            raise ValueError("listener_tls_port needs tls_certificate and tls_private_key")
+        if self.tls_require_client_cert and self.tls_ca_certificates is None:
+            raise ValueError("tls_require_client_cert needs tls_ca_certificates to verify clients")
+        if not self.listener_plaintext and self.listener_tls_port is None:
+            raise ValueError("listener_plaintext=false needs listener_tls_port")
+        return self
 
     @classmethod
     def settings_customise_sources(
