@@ -11,7 +11,11 @@ def main(argv: list[str] | None = None) -> None:
     from worker.app import app, settings
 
     args = argv if argv is not None else sys.argv[1:]
-    queues = f"{names.INFERENCE_QUEUE},{names.DELIVERY_QUEUE}"
+    known = {names.INFERENCE_QUEUE, names.DELIVERY_QUEUE}
+    unknown = set(settings.worker_queues) - known
+    if unknown:
+        raise SystemExit(f"unknown worker queue(s) {sorted(unknown)}; known: {sorted(known)}")
+    queues = ",".join(settings.worker_queues)
     app.worker_main(
         [
             "worker",

@@ -116,21 +116,30 @@ def process_study(job_id: str, rt: Runtime) -> list[int]:
         assert job is not None
         job.result = result
         job.bundle_version = rt.bundle.version
+        # A task redelivered after a worker died finds the rows of its first run: reuse them.
+        existing = {
+            (d.sop_instance_uid, d.ae_title, d.host, d.port): d
+            for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))
+        }
         delivery_ids: list[int] = []
         for out in outputs:
             for dest in settings.destinations:
-                delivery = Delivery(
-                    job_id=job_id,
-                    ae_title=dest.ae_title,
-                    host=dest.host,
-                    port=dest.port,
-                    sop_instance_uid=out.sop_instance_uid,
-                    kind=out.kind,
-                    output_path=str(out.path.relative_to(settings.output_dir)),
-                    status=DeliveryStatus.PENDING,
-                )
-                session.add(delivery)
-                session.flush()
+                delivery = existing.get((out.sop_instance_uid, dest.ae_title, dest.host, dest.port))
+                if delivery is None:
+                    delivery = Delivery(
+                        job_id=job_id,
+                        ae_title=dest.ae_title,
+                        host=dest.host,
+                        port=dest.port,
+                        sop_instance_uid=out.sop_instance_uid,
+                        kind=out.kind,
+                        output_path=str(out.path.relative_to(settings.output_dir)),
+                        status=DeliveryStatus.PENDING,
+                    )
+                    session.add(delivery)
+                    session.flush()
+                elif delivery.status == DeliveryStatus.DELIVERED:
+                    continue
                 delivery_ids.append(delivery.id)
         final = JobStatus.SKIPPED if skipped_reason else JobStatus.DONE
         transition(session, job_id, final, reason_code=skipped_reason)

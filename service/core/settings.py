@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
     delivery_max_retries: int = Field(default=5, ge=0)
     delivery_retry_base_seconds: float = Field(default=5.0, ge=0.0)
+    # Reconciler (runs in the listener): jobs queued or running longer than this are put back on the queue.
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    reconcile_queued_after_seconds: float = Field(default=900.0, gt=0)
+    reconcile_running_after_seconds: float = Field(default=1800.0, gt=0)
+    # Which queues `cxr-gateway worker` consumes: GPU/CPU inference workers and light delivery workers
+    # can be separated ("inference", "delivery").
+    worker_queues: list[str] = Field(default_factory=lambda: ["inference", "delivery"])
 
     log_level: str = "INFO"
 

@@ -103,3 +103,17 @@ def test_non_chest_study_is_skipped_with_a_reason_and_a_not_analysed_sr(
         out = runtime.settings.output_dir / delivery.output_path
     assert dciodvfy_errors(out) == []
     assert "not for diagnostic use" in str(dcmread(out).SeriesDescription).lower()
+
+
+def test_a_redelivered_task_reuses_its_delivery_rows(runtime: Runtime, shared_dir: Path) -> None:
+    """A worker killed after writing outputs: the task runs again and must not duplicate deliveries."""
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    first = process_study(job_id, runtime)
+    with runtime.sessions.begin() as s:
+        # Pretend the worker died just before marking the job done.
+        s.get(Job, job_id).status = JobStatus.RUNNING  # type: ignore[union-attr]
+        s.get(Delivery, first[0]).status = "delivered"  # type: ignore[union-attr]
+    second = process_study(job_id, runtime)
+    assert set(second) == set(first) - {first[0]}
+    with runtime.sessions() as s:
+        assert len(s.scalars(select(Delivery)).all()) == len(first)

@@ -1,0 +1,103 @@
+"""The database, not the broker, is the source of truth: re-enqueue jobs the broker may have lost.
+
+A job stays 'queued' too long when its message vanished (a broker restarted without persistence, a
+purge); it stays 'running' too long when its worker died in a way the broker did not notice. Either way
+the reconciler puts it back on the queue. Tasks are idempotent, so a false alarm costs a re-run only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core import tasks
+from service.core.jobs import transition
+from service.core.models import Job
+from service.core.queue import enqueue
+from service.core.settings import Settings
+from service.core.status import JobStatus
+
+log = logging.getLogger(__name__)
+
+REQUEUED = "requeued_by_reconciler"
+
+
+def reconcile(
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    *,
+    queued_deadline: timedelta,
+    running_deadline: timedelta,
+    now: datetime | None = None,
+) -> list[str]:
+    """Re-enqueue stuck jobs; returns their ids."""
+    now = now or datetime.now(UTC)
+    with sessions() as session:
+        stuck = session.scalars(
+            select(Job.id).where(
+                or_(
+                    (Job.status == JobStatus.QUEUED) & (Job.queued_at < now - queued_deadline),
+                    (Job.status == JobStatus.RUNNING) & (Job.started_at < now - running_deadline),
+                )
+            )
+        ).all()
+    requeued: list[str] = []
+    for job_id in stuck:
+        with sessions.begin() as session:
+            moved = transition(
+                session,
+                job_id,
+                JobStatus.QUEUED,
+                expected=[JobStatus.QUEUED, JobStatus.RUNNING],
+                reason_code=REQUEUED,
+                now=now,
+            )
+        if not moved:
+            continue
+        try:
+            enqueue(celery, tasks.PROCESS_STUDY, job_id)
+        except Exception:
+            log.exception("reconciler could not reach the broker for job=%s", job_id)
+            continue
+        log.warning("job=%s was stuck; re-enqueued", job_id)
+        requeued.append(job_id)
+    return requeued
+
+
+class Reconciler:
+    """Runs :func:`reconcile` periodically in a daemon thread."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
+        self._sessions = sessions
+        self._celery = celery
+        self._queued = timedelta(seconds=settings.reconcile_queued_after_seconds)
+        self._running = timedelta(seconds=settings.reconcile_running_after_seconds)
+        self._interval = settings.reconcile_interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                reconcile(
+                    self._sessions,
+                    self._celery,
+                    queued_deadline=self._queued,
+                    running_deadline=self._running,
+                )
+            except Exception:
+                log.exception("reconciler pass failed")

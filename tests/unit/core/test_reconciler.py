@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from service.core.db import make_session_factory, migrate
+from service.core.models import Job, JobEvent, Study
+from service.core.queue import make_celery
+from service.core.reconciler import REQUEUED, reconcile
+from service.core.settings import load_settings
+from service.core.status import JobStatus
+
+
+def test_stuck_jobs_are_requeued_and_fresh_ones_left(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    celery = make_celery(settings)  # the embedded filesystem broker: messages land as files
+    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    old, fresh = now - timedelta(hours=2), now - timedelta(seconds=5)
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        rows = {
+            "stuck-queued": Job(id="a" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=old),
+            "stuck-running": Job(id="b" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=old),
+            "fresh": Job(id="c" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=fresh),
+            "done": Job(id="d" * 32, study_id=study.id, status=JobStatus.DONE, started_at=old),
+        }
+        s.add_all(rows.values())
+    requeued = reconcile(
+        sessions,
+        celery,
+        queued_deadline=timedelta(minutes=15),
+        running_deadline=timedelta(minutes=30),
+        now=now,
+    )
+    assert sorted(requeued) == ["a" * 32, "b" * 32]
+    assert len(list((settings.broker_dir / "messages").glob("*.msg"))) == 2
+    with sessions() as s:
+        assert s.get(Job, "b" * 32).status == JobStatus.QUEUED  # type: ignore[union-attr]
+        assert s.get(Job, "c" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]
+        reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == "b" * 32)).all()
+        assert reasons == [REQUEUED]
