@@ -42,7 +42,7 @@ from monai_train.bundle import (
     export_bundle,
     inference_config,
 )
-from monai_train.data import Record, Splits, check_no_leakage, data_summary, load_image
+from monai_train.data import LeakageError, Record, Splits, check_no_leakage, data_summary, load_image
 from monai_train.metrics import (
     choose_operating_points,
     compute_metrics,
@@ -53,6 +53,7 @@ from monai_train.metrics import (
 log = logging.getLogger("monai_train")
 
 LOSSES = ("bce", "focal")
+SPLITS_FILE = "splits.csv"
 
 
 class TrainingStopped(RuntimeError):
@@ -242,6 +243,25 @@ def init_from_bundle(
             new_head.weight[i] = old_head.weight[j]
             new_head.bias[i] = old_head.bias[j]
     return net, cfg, shared
+
+
+def check_finetune_leakage(source_bundle: Path, splits: Splits) -> None:
+    """A patient the source bundle learned from (train/val) must not be in the new test split: the
+    fine-tuned model inherits that knowledge, so its test metrics would be inflated."""
+    path = source_bundle / "docs" / SPLITS_FILE
+    if not path.is_file():
+        log.warning(
+            "%s has no %s: cannot check fine-tuning against its training patients", source_bundle, SPLITS_FILE
+        )
+        return
+    with path.open(newline="") as fh:
+        learned = {row["Patient ID"] for row in csv.DictReader(fh) if row["split"] in {"train", "val"}}
+    leaked = sorted({r.patient_id for r in splits.test} & learned)
+    if leaked:
+        raise LeakageError(
+            f"patient leakage: {len(leaked)} patients of the new test split were in {source_bundle}'s "
+            f"training/validation data (e.g. {', '.join(leaked[:5])}); split so that they stay out of test"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- loops
@@ -586,6 +606,8 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
     if not splits.train:
         raise ValueError("the training split is empty")
     if tc.init_from is not None:
+        check_finetune_leakage(tc.init_from, splits)
+    if tc.init_from is not None:
         net, cfg, shared = init_from_bundle(tc.init_from, tc.labels, tc.image_size)
         tc.image_size = int(cfg["image_size"])
         log.info("fine-tuning from %s; output neurons kept for %s", tc.init_from, shared or "no label")
@@ -682,6 +704,12 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
     docs = out_dir / "docs"
     (docs / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_curves(test_y, test_p, tc.labels, docs)
+    with (docs / SPLITS_FILE).open("w", newline="") as fh:
+        # Which patient/image was used for what: fine-tuning from this bundle checks against it.
+        writer = csv.writer(fh)
+        writer.writerow(["Image Index", "Patient ID", "split"])
+        for split_name, recs in splits.items():
+            writer.writerows([r.name, r.patient_id, split_name] for r in recs)
     with (docs / "test_predictions.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["Image Index", *(f"prob_{lb}" for lb in tc.labels)])

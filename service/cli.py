@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -69,6 +71,13 @@ def dashboard(ctx: click.Context) -> None:
     from service.core.db import make_session_factory
 
     settings = _settings(ctx)
+    if not settings.dashboard_users:
+        # Secure by default: no account, no dashboard (only `serve` on loopback makes a one-time admin).
+        raise click.ClickException(
+            "refusing to start the dashboard: no users configured. Set CXR_DASHBOARD_USERS, e.g. "
+            '\'[{"username": "admin", "password_hash": "$argon2id$...", "role": "admin"}]\' '
+            "(python -m service.admin.passwords prints one entry)."
+        )
     app = create_app(settings, make_session_factory(settings))
     uvicorn.run(app, host=settings.dashboard_host, port=settings.dashboard_port, log_config=None)
 
@@ -98,6 +107,31 @@ def _child_env(ctx: click.Context) -> dict[str, str]:
     return env
 
 
+def _one_time_admin(settings: Settings) -> dict[str, str]:
+    """No dashboard user configured: on loopback, an admin with a password for this run only.
+
+    The password goes to this console once (stderr, not the log) and to the dashboard only as a hash.
+    Anywhere but loopback the gateway refuses to start rather than serve an open or guessable dashboard.
+    """
+    from service.admin.auth import hash_password, is_loopback
+
+    if not is_loopback(settings.dashboard_host):
+        raise click.ClickException(
+            f"refusing to serve the dashboard on {settings.dashboard_host}: no users configured "
+            "(set CXR_DASHBOARD_USERS; python -m service.admin.passwords prints an entry)"
+        )
+    password = secrets.token_urlsafe(15)
+    users = [{"username": "admin", "password_hash": hash_password(password), "role": "admin"}]
+    url = f"http://{settings.dashboard_host}:{settings.dashboard_port}"
+    click.echo(
+        f"\n  No dashboard users configured (CXR_DASHBOARD_USERS): a one-time admin for this run.\n"
+        f"  Dashboard {url}  user: admin  password: {password}\n"
+        "  It changes at every start; configure CXR_DASHBOARD_USERS to keep one.\n",
+        err=True,
+    )
+    return {"CXR_DASHBOARD_USERS": json.dumps(users)}
+
+
 @main.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
@@ -105,8 +139,10 @@ def serve(ctx: click.Context) -> None:
     from service.core.db import migrate as run_migrate
 
     settings = _settings(ctx)
-    run_migrate(settings)
     env = _child_env(ctx)
+    if not settings.dashboard_users:
+        env.update(_one_time_admin(settings))
+    run_migrate(settings)
     me = [sys.executable, "-m", "service.cli"]
     commands = {
         "listener": [*me, "listener"],

@@ -1,193 +1,174 @@
-"""The admin dashboard: FastAPI app factory, server-rendered pages and a JSON API over the database."""
+"""The admin dashboard: FastAPI app factory wiring the guard, sessions, pages, JSON API and metrics.
+
+Secure by default: ``create_app`` refuses to build without at least one configured user, every route
+sits behind ``guard.Guard`` (only /login, /healthz, /readyz and /static are public; /metrics too when
+``dashboard_metrics_public``), and writes need the admin role and, from a browser session, a CSRF token.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import datetime
+import base64
+import hashlib
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
-from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException
+from starlette.middleware.sessions import SessionMiddleware
 
-from service.core import tasks
-from service.core.models import Delivery, Job
-from service.core.queue import enqueue, make_celery
+from service.admin import api, health, metrics, pages
+from service.admin.auth import Accounts, LoginThrottle, session_secret
+from service.admin.deps import Context, get_context
+from service.admin.guard import CSP, Guard, csrf_protect
+from service.core.queue import make_celery
 from service.core.settings import Settings
-from service.core.status import DeliveryStatus, JobStatus
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
-
-
-class StageTimes(BaseModel):
-    received_at: datetime
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    queue_wait_s: float | None
-    run_s: float | None
-    total_s: float | None
+STATIC_DIR = Path(__file__).parent / "static"
+VERSION = "0.1.0"
 
 
-class DeliveryOut(BaseModel):
-    id: int
-    job_id: str
-    ae_title: str
-    kind: str
-    status: str
-    attempts: int
-    delivered_at: datetime | None
-
-
-class JobOut(BaseModel):
-    id: str
-    status: JobStatus
-    reason_code: str | None
-    calling_ae_title: str | None
-    bundle_version: str | None
-    attempts: int
-    created_at: datetime
-    stages: StageTimes
-    deliveries: list[DeliveryOut]
-
-
-class JobDetailOut(JobOut):
-    result: dict[str, Any] | None
-
-
-class JobPage(BaseModel):
-    total: int
-    items: list[JobOut]
-
-
-def _delivery_out(d: Delivery) -> DeliveryOut:
-    return DeliveryOut(
-        id=d.id,
-        job_id=d.job_id,
-        ae_title=d.ae_title,
-        kind=d.kind,
-        status=d.status,
-        attempts=d.attempts,
-        delivered_at=d.delivered_at,
-    )
-
-
-def _seconds(a: datetime | None, b: datetime | None) -> float | None:
-    return round((b - a).total_seconds(), 3) if a and b else None
-
-
-def _job_out(job: Job, detail: bool = False) -> JobOut:
-    stages = StageTimes(
-        received_at=job.received_at,
-        queued_at=job.queued_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        queue_wait_s=_seconds(job.queued_at, job.started_at),
-        run_s=_seconds(job.started_at, job.finished_at),
-        total_s=_seconds(job.received_at, job.finished_at),
-    )
-    fields: dict[str, Any] = {
-        "id": job.id,
-        "status": JobStatus(job.status),
-        "reason_code": job.reason_code,
-        "calling_ae_title": job.calling_ae_title,
-        "bundle_version": job.bundle_version,
-        "attempts": job.attempts,
-        "created_at": job.created_at,
-        "stages": stages,
-        "deliveries": [_delivery_out(d) for d in job.deliveries],
-    }
-    if detail:
-        return JobDetailOut(**fields, result=job.result)
-    return JobOut(**fields)
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    with sessions() as session:
-        yield session
-
-
-DB = Annotated[Session, Depends(get_session)]
+class NoUsersError(ValueError):
+    """No dashboard account is configured: the dashboard does not run open."""
 
 
 def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
-    app = FastAPI(title="cxr-gateway", version="0.1.0")
+    accounts = Accounts(settings.dashboard_users)
+    if not accounts:
+        raise NoUsersError(
+            "no dashboard users configured: set CXR_DASHBOARD_USERS, e.g. "
+            '\'[{"username": "admin", "password_hash": "$argon2id$...", "role": "admin"}]\' '
+            "(hash a password with: python -m service.admin.passwords)"
+        )
+    celery = make_celery(settings)
+    info = health.bundle_info(settings.model_bundle)
+    ctx = Context(
+        settings=settings,
+        sessions=sessions,
+        celery=celery,
+        accounts=accounts,
+        throttle=LoginThrottle(
+            settings.dashboard_login_max_failures, settings.dashboard_login_window_seconds
+        ),
+        registry=metrics.make_registry(settings, sessions, celery),
+        bundle_label=" ".join(x for x in (info.name, info.version) if x)
+        if info
+        else "model bundle not found",
+    )
+
+    app = FastAPI(
+        title="cxr-gateway",
+        version=VERSION,
+        description="Chest X-ray AI gateway dashboard API. AI-generated results, not for diagnostic use.",
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(csrf_protect)],
+    )
+    app.state.ctx = ctx
     app.state.settings = settings
     app.state.sessions = sessions
-    celery = make_celery(settings)
 
-    def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: int) -> JobPage:
-        stmt = select(Job).options(selectinload(Job.deliveries))
-        count = select(func.count()).select_from(Job)
-        if status is not None:
-            stmt = stmt.where(Job.status == status)
-            count = count.where(Job.status == status)
-        jobs = session.scalars(stmt.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
-        return JobPage(total=session.scalar(count) or 0, items=[_job_out(j) for j in jobs])
+    # Added innermost first: the session cookie is decoded before the Guard looks for a user.
+    app.add_middleware(
+        Guard,
+        accounts=accounts,
+        throttle=ctx.throttle,
+        extra_public={"/metrics"} if settings.dashboard_metrics_public else (),
+        max_body=settings.dashboard_upload_max_bytes + 1024**2,
+    )
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret(settings),
+        session_cookie="cxr_session",
+        max_age=settings.dashboard_session_minutes * 60,
+        same_site="strict",
+        https_only=settings.dashboard_cookie_secure,
+    )
 
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_health_routes(app)
+    _add_docs(app)
+    _add_error_pages(app)
+    return app
+
+
+def _add_health_routes(app: FastAPI) -> None:
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers. Open to anyone; says nothing else."""
         return {"status": "ok"}
 
-    @app.get("/api/jobs", response_model=JobPage, tags=["jobs"])
-    def api_jobs(
-        session: DB,
-        status: JobStatus | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> JobPage:
-        return list_jobs(session, status, limit, offset)
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        """Readiness: the database and the broker answer. Open to anyone; no names, hosts or errors."""
+        ctx = get_context(request)
+        checks = {
+            "database": health.database_ok(ctx.sessions),
+            "broker": health.broker_ok(ctx.celery),
+        }
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "not ready", **checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/api/jobs/{job_id}", response_model=JobDetailOut, tags=["jobs"])
-    def api_job(job_id: str, session: DB) -> JobOut:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise HTTPException(status_code=404, detail="job not found")
-        return _job_out(job, detail=True)
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus metrics: jobs and deliveries by status, stage latency histograms, queue depth."""
+        return Response(metrics.render(get_context(request).registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/deliveries", response_model=list[DeliveryOut], tags=["deliveries"])
-    def api_deliveries(
-        session: DB,
-        status: DeliveryStatus | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    ) -> list[DeliveryOut]:
-        stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
-        if status is not None:
-            stmt = stmt.where(Delivery.status == status)
-        return [_delivery_out(d) for d in session.scalars(stmt)]
 
-    @app.post("/api/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"])
-    def api_replay(delivery_id: int, session: DB) -> DeliveryOut:
-        """Send a dead-lettered (or still retrying) output again."""
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None:
-            raise HTTPException(status_code=404, detail="delivery not found")
-        if delivery.status == DeliveryStatus.DELIVERED:
-            raise HTTPException(status_code=409, detail="already delivered")
-        delivery.status = DeliveryStatus.PENDING
-        delivery.last_error = None
-        session.commit()
-        enqueue(celery, tasks.DELIVER, delivery_id)
-        return _delivery_out(delivery)
+def _add_docs(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "basic": {"type": "http", "scheme": "basic"}
+            }
+            schema["security"] = [{"basic": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def jobs_page(
-        request: Request,
-        session: DB,
-        status: JobStatus | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> HTMLResponse:
-        page = list_jobs(session, status, limit, offset)
-        return TEMPLATES.TemplateResponse(
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    html = get_swagger_ui_html(openapi_url="/openapi.json", title="cxr-gateway API").body
+    text = bytes(html).decode()
+    # Swagger UI needs its own inline bootstrap script and its CDN: allow exactly that script by hash.
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+        for s in re.findall(r"<script>(.*?)</script>", text, flags=re.S)
+    )
+    docs_csp = (
+        f"default-src 'self'; script-src 'self' https://cdn.jsdelivr.net {hashes}; "
+        "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(text, headers={"Content-Security-Policy": docs_csp})
+
+
+def _add_error_pages(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
+        if path.startswith("/api/") or path in {"/openapi.json", "/metrics"}:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return pages.render(
             request,
-            "jobs.html",
-            {"page": page, "status": status, "statuses": list(JobStatus), "limit": limit, "offset": offset},
+            "error.html",
+            {"status": exc.status_code, "detail": exc.detail},
+            status_code=exc.status_code,
         )
 
-    return app
+
+__all__ = ["CSP", "NoUsersError", "create_app"]

@@ -29,3 +29,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO, including identifiers from the dataset: keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom logs source UIDs at INFO while it copies modules between datasets.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

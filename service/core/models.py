@@ -145,3 +145,43 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class InstanceConflict(Base):
+    """A SOP Instance UID sent again with different bytes: the first copy stays, a human looks at this.
+
+    One row per (instance, differing content); ``count`` says how often that content came back.
+    """
+
+    __tablename__ = "instance_conflicts"
+    __table_args__ = (UniqueConstraint("instance_id", "sha256"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the refused copy
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instance: Mapped[Instance] = relationship()
+
+
+class AuditEntry(Base):
+    """One admin action in the dashboard (requeue, cancel, replay, upload, reveal …): who, what, when.
+
+    ``detail`` holds job/delivery ids and outcomes only, never patient data.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target_type: Mapped[str | None] = mapped_column(String(16))
+    target_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    client_address: Mapped[str | None] = mapped_column(String(64))

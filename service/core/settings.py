@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
@@ -49,6 +49,21 @@ class Source(BaseModel):
     @classmethod
     def _strip(cls, v: str) -> str:
         return _check_ae_title(v)
+
+
+class DashboardUser(BaseModel):
+    """A dashboard account: an argon2/bcrypt ``password_hash`` (or, for tests and demos, a ``password``)."""
+
+    username: str = Field(min_length=1, max_length=64)
+    password_hash: SecretStr | None = None
+    password: SecretStr | None = None
+    role: Literal["admin", "viewer"] = "viewer"
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> DashboardUser:
+        if (self.password_hash is None) == (self.password is None):
+            raise ValueError(f"dashboard user {self.username!r} needs exactly one of password_hash, password")
+        return self
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -103,6 +118,20 @@ class Settings(BaseSettings):
 
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080
+    # Accounts (JSON list of DashboardUser); without one the dashboard refuses to start (`serve` on
+    # loopback makes a one-time admin instead).
+    dashboard_users: list[DashboardUser] = Field(default_factory=list)
+    # Signs session cookies; generated into data_dir/dashboard-secret when unset. Set it when several
+    # dashboard replicas must accept each other's sessions.
+    dashboard_secret: SecretStr | None = None
+    dashboard_session_minutes: int = Field(default=480, ge=1, description="absolute session lifetime")
+    dashboard_cookie_secure: bool = Field(default=False, description="Secure cookie flag (behind HTTPS)")
+    dashboard_login_max_failures: int = Field(default=5, ge=1)
+    dashboard_login_window_seconds: int = Field(default=300, ge=1)
+    dashboard_metrics_public: bool = Field(default=False, description="serve /metrics without login")
+    dashboard_upload_max_bytes: int = Field(default=64 * 1024**2, ge=1)
+    # Calling AE title of the dashboard's own C-STOREs (uploads) and C-ECHOs; allow it in `sources`.
+    dashboard_ae_title: str = "CXR_DASHBOARD"
 
     model_bundle: Path = DEFAULT_BUNDLE
     destinations: list[Destination] = Field(default_factory=list)

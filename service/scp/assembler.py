@@ -1,13 +1,19 @@
-"""Study assembly: a study whose last instance is older than the quiet period gets its job queued."""
+"""Study assembly: a study quiet for the quiet period gets its job queued.
+
+The quiet period counts from the later of the study's last instance and the release of the association
+that sent it (``touch``), and does not run at all while an association that sent part of the study is
+still open (``busy``): a PACS that pauses between instances of one association is still sending.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
@@ -15,16 +21,32 @@ from service.core.jobs import transition
 from service.core.models import Job, Study
 from service.core.queue import enqueue
 from service.core.settings import Settings
-from service.core.status import JobStatus
+from service.core.status import JobStatus, ReasonCode
+from service.scp.backpressure import BackPressure
+from service.scp.safelog import log_failure
 
 log = logging.getLogger(__name__)
 
 
+def _nothing_busy() -> Collection[int]:
+    return ()
+
+
 class StudyAssembler:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        celery: Celery,
+        *,
+        pressure: BackPressure | None = None,
+        busy: Callable[[], Collection[int]] = _nothing_busy,
+    ) -> None:
         self._quiet = timedelta(seconds=settings.study_quiet_seconds)
         self._sessions = sessions
         self._celery = celery
+        self._pressure = pressure
+        self._busy = busy
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -41,26 +63,52 @@ class StudyAssembler:
         while not self._stop.wait(interval):
             try:
                 self.tick()
-            except Exception:
+            except Exception as exc:
                 # Database or broker away: the jobs stay 'received' and the next tick retries.
-                log.exception("assembler tick failed")
+                log_failure(log, "assembler tick failed", exc)
+
+    def touch(self, study_ids: Collection[int], now: datetime | None = None) -> None:
+        """Restart the quiet period of these studies (their association was released or aborted)."""
+        if not study_ids:
+            return
+        now = now or datetime.now(UTC)
+        with self._sessions.begin() as session:
+            session.execute(
+                update(Study)
+                .where(Study.id.in_(list(study_ids)), Study.last_received_at < now)
+                .values(last_received_at=now)
+            )
 
     def tick(self, now: datetime | None = None) -> list[str]:
         """Queue every received job whose study has been quiet long enough; returns their ids."""
         now = now or datetime.now(UTC)
         cutoff = now - self._quiet
+        busy = set(self._busy())
         with self._sessions() as session:
-            ready = session.scalars(
-                select(Job.id)
+            rows = session.execute(
+                select(Job.id, Job.study_id)
                 .join(Study)
                 .where(Job.status == JobStatus.RECEIVED, Study.last_received_at <= cutoff)
                 .order_by(Job.created_at)
             ).all()
+        ready = [row.id for row in rows if row.study_id not in busy]
+        if not ready and self._pressure is not None and not self._pressure.broker_ok:
+            self._probe_broker()
         queued: list[str] = []
         for job_id in ready:
             if self._queue(job_id):
                 queued.append(job_id)
         return queued
+
+    def _probe_broker(self) -> None:
+        # Stores are refused while the broker is down; with no job to send, ask the broker directly.
+        assert self._pressure is not None
+        try:
+            with self._celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+        except Exception:
+            return
+        self._pressure.broker_succeeded()
 
     def _queue(self, job_id: str) -> bool:
         now = datetime.now(UTC)
@@ -71,10 +119,20 @@ class StudyAssembler:
                 return False
         try:
             enqueue(self._celery, tasks.PROCESS_STUDY, job_id)
-        except Exception:
-            log.exception("broker refused job=%s; back to received", job_id)
+        except Exception as exc:
+            log_failure(
+                log,
+                "broker refused job=%s reason=%s; back to received",
+                exc,
+                job_id,
+                ReasonCode.BROKER_UNAVAILABLE,
+            )
+            if self._pressure is not None:
+                self._pressure.broker_failed()
             with self._sessions.begin() as session:
                 transition(session, job_id, JobStatus.RECEIVED, expected=[JobStatus.QUEUED])
             return False
+        if self._pressure is not None:
+            self._pressure.broker_succeeded()
         log.info("queued job=%s", job_id)
         return True

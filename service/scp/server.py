@@ -1,20 +1,24 @@
-"""The DICOM listener process: a pynetdicom AE plus the study assembler."""
+"""The DICOM listener process: a pynetdicom AE (plain and/or TLS port) plus the study assembler."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
+import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
     UID,
-    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -25,29 +29,35 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import make_session_factory, migrate
 from service.core.queue import make_celery
 from service.core.settings import Settings
+from service.core.tls import server_context
 from service.scp.assembler import StudyAssembler
-from service.scp.handlers import handle_echo, make_store_handler
+from service.scp.backpressure import BackPressure
+from service.scp.handlers import (
+    AssociationStudies,
+    handle_echo,
+    make_association_end_handler,
+    make_requested_handler,
+    make_store_handler,
+)
 from service.scp.intake import Intake
+from service.scp.peers import PeerPolicy
+from service.scp.transport import GatewayAssociationServer
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")
 
-STORAGE_SOP_CLASSES = (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-)
+# Every storage SOP class: a PACS routing a whole study (SR, presentation states, key objects …) must not
+# see failures for the objects we do not analyse; the worker's gate marks those jobs skipped.
+STORAGE_SOP_CLASSES = tuple(UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts)
 
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
@@ -64,14 +74,22 @@ TRANSFER_SYNTAXES = (
     RLELossless,
 )
 
+# Largest P-DATA PDU we accept. Bigger PDUs mean fewer Python-level PDU round trips per image; 1 MiB keeps
+# the per-association buffer small.
+MAX_PDU_BYTES = 1 << 20
 
-def build_ae(settings: Settings) -> AE:
+
+def build_ae(settings: Settings, policy: PeerPolicy | None = None) -> AE:
     ae = AE(ae_title=settings.listener_ae_title)
     ae.maximum_associations = settings.max_associations
-    ae.network_timeout = 60
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    ae.network_timeout = settings.listener_network_timeout
+    ae.acse_timeout = settings.listener_acse_timeout
+    ae.dimse_timeout = settings.listener_dimse_timeout
     ae.require_called_aet = True
+    if policy is not None and not policy.open:
+        # pynetdicom's own check of the calling AE title, beside ours (which adds the address).
+        ae.require_calling_aet = policy.ae_titles
     ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -79,44 +97,117 @@ def build_ae(settings: Settings) -> AE:
 
 
 class Listener:
-    """Owns the AE server and the assembler thread; ``start``/``stop`` for tests and the CLI alike."""
+    """Owns the AE servers and the assembler thread; ``start``/``stop`` for tests and the CLI alike."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         self.sessions = sessions or make_session_factory(settings)
         self.celery = make_celery(settings)
-        self.intake = Intake(settings, self.sessions)
-        self.assembler = StudyAssembler(settings, self.sessions, self.celery)
-        self._server: ThreadedAssociationServer | None = None
+        self.pressure = BackPressure(settings)
+        self.policy = PeerPolicy(settings.sources)
+        self.studies = AssociationStudies()
+        self.intake = Intake(settings, self.sessions, self.pressure)
+        self.assembler = StudyAssembler(
+            settings, self.sessions, self.celery, pressure=self.pressure, busy=self.studies.busy
+        )
+        self.servers: list[ThreadedAssociationServer] = []
+
+    @property
+    def staging_dir(self) -> Path:
+        # Only used when chunked receive is off; the CLI points pynetdicom's temp files here too.
+        return Path(tempfile.gettempdir())
 
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        ae = build_ae(self.settings)
+        # Stream each C-STORE's data set to a file instead of memory (an instance can be hundreds of MB).
+        # A process-wide pynetdicom switch; this process only receives through the listener.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        if self.policy.open:
+            log.warning("CXR_SOURCES is empty: any peer that knows our AE title may send")
+        ae = build_ae(self.settings, self.policy)
+        end = make_association_end_handler(self.studies, self.assembler.touch)
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, make_requested_handler(self.policy)),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, make_store_handler(self.intake)),
+            (evt.EVT_C_STORE, make_store_handler(self.intake, self.policy, self.studies, self.staging_dir)),
+            (evt.EVT_RELEASED, end),
+            (evt.EVT_ABORTED, end),
+            (evt.EVT_CONN_CLOSE, end),
         ]
-        self._server = ae.start_server(
-            (self.settings.listener_host, self.settings.listener_port), block=False, evt_handlers=handlers
-        )
+        s = self.settings
+        try:
+            if s.listener_plaintext:
+                self._serve(ae, s.listener_port, None, handlers)
+            if s.listener_tls_port is not None:
+                self._serve(ae, s.listener_tls_port, server_context(s), handlers)
+        except BaseException:
+            self.stop()
+            raise
         self.assembler.start()
         log.info(
-            "listener up ae_title=%s port=%d quiet=%.1fs",
-            self.settings.listener_ae_title,
-            self.settings.listener_port,
-            self.settings.study_quiet_seconds,
+            "listener up ae_title=%s port=%s tls_port=%s quiet=%.1fs max_associations=%d",
+            s.listener_ae_title,
+            s.listener_port if s.listener_plaintext else "-",
+            s.listener_tls_port or "-",
+            s.study_quiet_seconds,
+            s.max_associations,
         )
 
+    def _serve(self, ae: AE, port: int, ssl_context: Any, handlers: list[Any]) -> None:
+        s = self.settings
+        server = ae.make_server(
+            (s.listener_host, port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=GatewayAssociationServer,
+            handshake_timeout=s.listener_acse_timeout,
+            socket_timeout=s.listener_network_timeout,
+            # Room for the transient A-ASSOCIATE-RJ to reach extra peers; beyond it, close at once.
+            max_connections=2 * s.max_associations + 4,
+        )
+        ae._servers.append(server)  # so that server.shutdown() finds itself there, as with start_server
+        thread = threading.Thread(target=server.serve_forever, name=f"dicom-server-{port}", daemon=True)
+        thread.start()
+        self.servers.append(server)
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self.servers:
+            server.shutdown()
+        self.servers.clear()
         self.assembler.stop()
+        self.intake.close()
+
+
+# Files older than this under the staging area belong to no live transfer (pynetdicom writes every PDU).
+STALE_STAGING_SECONDS = 3600
+
+
+def _prepare_staging(settings: Settings) -> Path:
+    """A staging folder on the spool's file system, so accepting an instance is a rename, not a copy.
+
+    One folder per process: listener replicas may share the spool. Files there that nobody has touched for
+    an hour were never acknowledged (the PACS sends them again) and are removed.
+    """
+    root = settings.spool_dir / ".incoming"
+    cutoff = time.time() - STALE_STAGING_SECONDS
+    for stale in root.glob("*/*"):
+        with contextlib.suppress(OSError):
+            if stale.is_file() and stale.stat().st_mtime < cutoff:
+                stale.unlink()
+    for folder in root.glob("*"):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
+    staging = root / f"{socket.gethostname()}-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    # pynetdicom creates its chunked-receive files with tempfile defaults; this process is ours alone.
+    tempfile.tempdir = str(staging)
+    return staging
 
 
 def run_listener(settings: Settings, *, run_migrations: bool = True) -> None:
     if run_migrations:
         migrate(settings)
+    staging = _prepare_staging(settings)
     listener = Listener(settings)
     listener.start()
     stopped = threading.Event()
@@ -129,3 +220,4 @@ def run_listener(settings: Settings, *, run_migrations: bool = True) -> None:
     stopped.wait()
     log.info("listener stopping")
     listener.stop()
+    shutil.rmtree(staging, ignore_errors=True)

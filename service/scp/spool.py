@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,15 +15,21 @@ def _key(uid: str) -> str:
     return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()
 
 
-def relative_path(study_uid: str, sop_instance_uid: str) -> Path:
+def relative_path(study_uid: str, sop_instance_uid: str, digest: str | None = None) -> Path:
+    """Where an instance lives under the spool; with ``digest`` the name also says which content.
+
+    Content-addressed names mean a copy that differs from the acknowledged one (a conflict, or a race
+    between two associations) lands beside it and never replaces it.
+    """
     study = _key(study_uid)
-    return Path(study[:2]) / study / f"{_key(sop_instance_uid)}.dcm"
+    name = _key(sop_instance_uid) if digest is None else f"{_key(sop_instance_uid)}.{digest[:16]}"
+    return Path(study[:2]) / study / f"{name}.dcm"
 
 
 def write_durably(root: Path, rel: Path, data: bytes) -> Path:
     """Write ``data`` to ``root/rel`` atomically and fsync file and directory before returning."""
     target = root / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durably(target.parent)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -32,13 +40,81 @@ def write_durably(root: Path, rel: Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(target.parent)
     return target
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _make_dirs_durably(path: Path) -> None:
+    # A new directory's own entry lives in its parent: fsync that too, or a crash can lose the whole study.
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(created.parent)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def adopt_durably(root: Path, rel: Path, source: Path, *, data_synced: bool = False) -> Path:
+    """Move the received file ``source`` to ``root/rel``: data fsynced, atomic rename, directory fsynced.
+
+    The bytes are never rewritten on the same file system (pynetdicom already wrote them once); across file
+    systems they are copied to a temporary name in the target directory first, then renamed.
+    ``data_synced``: the caller already fsynced ``source`` (e.g. while it was hashing it).
+    """
+    target = root / rel
+    _make_dirs_durably(target.parent)
+    if not data_synced:
+        fsync_file(source)
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        source.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
+    return target
+
+
+def free_space(path: Path) -> tuple[int, float]:
+    """Bytes available to us on the file system holding ``path``, and that as a percentage of its size."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    total = st.f_blocks * st.f_frsize
+    return free, (100.0 * free / total) if total else 0.0

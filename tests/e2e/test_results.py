@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import httpx
 import pytest
 from pydicom import dcmread
 
@@ -179,7 +178,7 @@ def test_refusing_destination_dead_letters_and_replay_delivers(
         assert pacs.instances() == []
         pacs.add_modality("GATEWAY", "CXR_GATEWAY", "127.0.0.1", gw.listener_port)
         for d in dead:
-            r = httpx.post(f"{gw.dashboard_url}/api/deliveries/{d['id']}/replay", timeout=10)
+            r = gw.post(f"/api/deliveries/{d['id']}/replay")
             assert r.status_code == 200
         gw.wait_for_jobs(lambda js: all(d["status"] == "delivered" for d in js[0]["deliveries"]), timeout=120)
         assert len(pacs.instances()) == 2

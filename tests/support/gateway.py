@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,13 +30,20 @@ class GatewayProcesses:
         commands: Sequence[str] = ("serve",),
         destinations: Sequence[Mapping[str, Any]] = (),
         env: Mapping[str, str] | None = None,
+        dashboard_users: Sequence[Mapping[str, str]] | None = None,
     ) -> None:
+        """``dashboard_users``: CXR_DASHBOARD_USERS entries; by default one admin with a random password,
+        which ``api``/``post`` (HTTP Basic) and ``admin`` use. ``env`` may still override it."""
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.listener_port = free_port()
         self.dashboard_port = free_port()
         self.ae_title = "CXR_GATEWAY"
         self.commands = list(commands)
+        self.admin = ("admin", secrets.token_urlsafe(12))
+        if dashboard_users is None:
+            dashboard_users = [{"username": self.admin[0], "password": self.admin[1], "role": "admin"}]
+        self.dashboard_users = [dict(u) for u in dashboard_users]
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("CXR_")},
             "CXR_DATA_DIR": str(self.data_dir),
@@ -46,6 +54,7 @@ class GatewayProcesses:
             "CXR_DESTINATIONS": json.dumps(list(destinations)),
             "CXR_DELIVERY_RETRY_BASE_SECONDS": "1",
             "CXR_TORCH_THREADS": "2",
+            "CXR_DASHBOARD_USERS": json.dumps(self.dashboard_users),
             **(env or {}),
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -106,10 +115,15 @@ class GatewayProcesses:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail()}")
 
-    def api(self, path: str) -> Any:
-        response = httpx.get(f"{self.dashboard_url}{path}", timeout=10)
+    def api(self, path: str, *, auth: tuple[str, str] | None = None) -> Any:
+        """GET a dashboard JSON API path as the admin (HTTP Basic); raises on an error status."""
+        response = httpx.get(f"{self.dashboard_url}{path}", auth=auth or self.admin, timeout=10)
         response.raise_for_status()
         return response.json()
+
+    def post(self, path: str, *, auth: tuple[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        """POST to the dashboard as the admin (HTTP Basic: no CSRF token needed); returns the response."""
+        return httpx.post(f"{self.dashboard_url}{path}", auth=auth or self.admin, timeout=30, **kwargs)
 
     def wait_for_jobs(self, predicate: Any, timeout: float = 120) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

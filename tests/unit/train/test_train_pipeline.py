@@ -11,8 +11,16 @@ from sklearn.metrics import roc_auc_score
 
 from monai_train.__main__ import main
 from monai_train.bundle import NIH_LABELS
-from monai_train.data import Splits, load_image
-from monai_train.train import TrainConfig, TrainResult, fit, head, init_from_bundle, load_bundle_network
+from monai_train.data import LeakageError, Splits, load_image
+from monai_train.train import (
+    TrainConfig,
+    TrainResult,
+    fit,
+    head,
+    init_from_bundle,
+    load_bundle_network,
+    train_and_export,
+)
 from worker.inference.bundle import load_bundle
 from worker.inference.predictor import Predictor
 
@@ -31,7 +39,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_bundle(trained: TrainRes
     assert meta["metrics"]["n_images"] == len(trained.test_names) > 0
     card = (trained.bundle / "docs/README.md").read_text()
     assert "Not for clinical use" in card and "random" in card
-    for name in ("metrics.json", "roc.png", "pr.png", "test_predictions.csv"):
+    for name in ("metrics.json", "roc.png", "pr.png", "test_predictions.csv", "splits.csv"):
         assert (trained.bundle / "docs" / name).is_file()
 
 
@@ -118,43 +126,31 @@ def test_finetune_keeps_shared_output_neurons(trained: TrainResult) -> None:
 
 
 def test_finetune_cli_writes_a_two_label_bundle(
-    trained: TrainResult, small_set: Path, tmp_path: Path
+    trained: TrainResult, shared_dir: Path, tmp_path: Path
 ) -> None:
+    # New data (dev images: other patients), new label set; size and preprocessing come from the bundle.
+    dev = shared_dir / "data" / "nih-cxr14-dev"
     out = tmp_path / "ft"
-    main(
-        [
-            "finetune",
-            "--from",
-            str(trained.bundle),
-            "--label-set",
-            "Effusion,Pneumothorax",
-            "--images",
-            str(small_set / "images"),
-            "--labels",
-            str(small_set / "labels.csv"),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--version",
-            "0.0.2-ft",
-            "--limit",
-            "40",
-            "--split",
-            "0.6,0.2,0.2",
-            "--threads",
-            "1",
-            "--log-every",
-            "0",
-        ]
-    )
+    argv = ["finetune", "--from", str(trained.bundle), "--label-set", "Effusion,Pneumothorax"]
+    argv += ["--images", str(dev / "images"), "--labels", str(dev / "labels.csv"), "--out", str(out)]
+    argv += ["--epochs", "1", "--batch-size", "8", "--version", "0.0.2-ft", "--limit", "30"]
+    argv += ["--split", "0.6,0.2,0.2", "--threads", "1", "--log-every", "0"]
+    main(argv)
     bundle = load_bundle(out)
     assert bundle.labels == ("Effusion", "Pneumothorax")
     assert json.loads((out / "configs/inference.json").read_text())["image_size"] == 32
     assert "fine-tuned from" in (out / "docs/README.md").read_text()
-    Predictor(bundle).predict([np.zeros((40, 40), np.float32)])
+    assert Predictor(bundle).predict([np.zeros((40, 40), np.float32)]).probabilities.shape == (1, 2)
+
+
+def test_finetune_refuses_a_test_split_the_source_learned_from(
+    trained: TrainResult, tiny_splits: Splits, tmp_path: Path
+) -> None:
+    swapped = Splits(train=tiny_splits.test, val=tiny_splits.val, test=tiny_splits.train)
+    tc = TrainConfig(labels=("Effusion",), image_size=32, epochs=1, init_from=trained.bundle, log_every=0)
+    with pytest.raises(LeakageError, match=r"patients of the new test split were in"):
+        train_and_export(swapped, tc, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_resume_continues_exactly_where_it_stopped(

@@ -1,0 +1,157 @@
+"""System health as the dashboard sees it: database, broker, queue depth, workers, disk, model bundle.
+
+Every probe is bounded in time and returns a value or None: the health page must render while the
+thing it reports on is down. Nothing here returns URLs, hosts or error texts (they may hold secrets).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core import tasks
+from service.core.settings import Settings
+
+log = logging.getLogger("cxr_gateway.admin")
+
+# kombu's Redis transport keeps each priority level in its own list: "<queue>\x06\x16<priority>".
+_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+QUEUES = (tasks.INFERENCE_QUEUE, tasks.DELIVERY_QUEUE)
+
+
+class DiskOut(BaseModel):
+    total_bytes: int
+    free_bytes: int
+    free_percent: float
+
+
+class BundleOut(BaseModel):
+    name: str | None = None
+    version: str | None = None
+    description: str | None = None
+    intended_use: str | None = None
+    labels: list[str] = []
+    operating_points: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+
+
+class HealthOut(BaseModel):
+    database: bool
+    broker: bool
+    broker_kind: str
+    queue_depth: dict[str, int | None]
+    workers: list[str] | None  # None: could not ask
+    disk: DiskOut | None
+    bundle: BundleOut | None
+
+
+def broker_kind(settings: Settings) -> str:
+    return settings.effective_broker_url.split("://", 1)[0] or "unknown"
+
+
+def database_ok(sessions: sessionmaker[Session]) -> bool:
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+        return True
+    except Exception as exc:
+        log.warning("health: database unreachable (%s)", type(exc).__name__)
+        return False
+
+
+def broker_ok(celery: Celery, timeout: float = 2.0) -> bool:
+    try:
+        with celery.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception as exc:
+        log.warning("health: broker unreachable (%s)", type(exc).__name__)
+        return False
+
+
+def queue_depth(celery: Celery, settings: Settings) -> dict[str, int | None]:
+    """Messages waiting per queue: files for the filesystem broker, LLEN for Redis; None if unknown."""
+    kind = broker_kind(settings)
+    depth: dict[str, int | None] = dict.fromkeys(QUEUES)
+    try:
+        if kind == "filesystem":
+            folder = settings.broker_dir / "messages"
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            for queue in QUEUES:
+                depth[queue] = sum(1 for n in names if n.endswith(f".{queue}.msg"))
+        elif kind in {"redis", "rediss"}:
+            with celery.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2.0)
+                client = conn.default_channel.client
+                for queue in QUEUES:
+                    depth[queue] = sum(int(client.llen(queue + s)) for s in _REDIS_PRIORITY_SUFFIXES)
+    except Exception as exc:
+        log.warning("health: queue depth unavailable (%s)", type(exc).__name__)
+    return depth
+
+
+def workers_online(celery: Celery, timeout: float = 1.0) -> list[str] | None:
+    """Names of the Celery workers that answered a ping within ``timeout``; None if we could not ask."""
+    try:
+        replies = celery.control.inspect(timeout=timeout).ping() or {}
+    except Exception as exc:
+        log.warning("health: worker ping failed (%s)", type(exc).__name__)
+        return None
+    return sorted(str(name) for name in replies)
+
+
+def disk(path: Path) -> DiskOut | None:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    return DiskOut(
+        total_bytes=usage.total,
+        free_bytes=usage.free,
+        free_percent=round(100.0 * usage.free / usage.total, 1) if usage.total else 0.0,
+    )
+
+
+def bundle_info(bundle_dir: Path) -> BundleOut | None:
+    """The bundle's metadata.json as plain JSON (the service never loads the model itself)."""
+    try:
+        meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    points = meta.get("operating_points")
+    return BundleOut(
+        name=_str(meta.get("name")),
+        version=_str(meta.get("version")),
+        description=_str(meta.get("description")),
+        intended_use=_str(meta.get("intended_use")),
+        labels=[str(x) for x in meta.get("labels") or []],
+        operating_points={str(k): float(v) for k, v in points.items()} if isinstance(points, dict) else {},
+        metrics=metrics if isinstance(metrics := meta.get("metrics"), dict) else {},
+    )
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def health(settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> HealthOut:
+    broker = broker_ok(celery)
+    return HealthOut(
+        database=database_ok(sessions),
+        broker=broker,
+        broker_kind=broker_kind(settings),
+        queue_depth=queue_depth(celery, settings) if broker else dict.fromkeys(QUEUES),
+        workers=workers_online(celery) if broker else None,
+        disk=disk(settings.data_dir),
+        bundle=bundle_info(settings.model_bundle),
+    )

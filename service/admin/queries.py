@@ -1,0 +1,197 @@
+"""Reading jobs for the pages and the API: filters, paging, stage times, per-image results, heatmaps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from service.admin.schemas import (
+    DeliveryOut,
+    ImageOut,
+    JobDetailOut,
+    JobEventOut,
+    JobOut,
+    JobPage,
+    StageTimes,
+)
+from service.core.models import Delivery, Instance, Job
+from service.core.status import JobStatus
+
+SC_KIND = "sc"
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    status: JobStatus | None = None
+    since: date | None = None  # received on or after (UTC day)
+    until: date | None = None  # received on or before (UTC day)
+    source_ae: str | None = None
+    destination: str | None = None
+
+    def apply(self, stmt: Select[Any]) -> Select[Any]:
+        if self.status is not None:
+            stmt = stmt.where(Job.status == self.status)
+        if self.since is not None:
+            stmt = stmt.where(Job.received_at >= datetime.combine(self.since, time(), tzinfo=UTC))
+        if self.until is not None:
+            end = datetime.combine(self.until + timedelta(days=1), time(), tzinfo=UTC)
+            stmt = stmt.where(Job.received_at < end)
+        if self.source_ae:
+            stmt = stmt.where(Job.calling_ae_title == self.source_ae)
+        if self.destination:
+            stmt = stmt.where(
+                Job.id.in_(select(Delivery.job_id).where(Delivery.ae_title == self.destination))
+            )
+        return stmt
+
+
+def mask_accession(value: str | None) -> str | None:
+    """Enough to tell two studies apart on a screen, not enough to look a patient up."""
+    if not value:
+        return None
+    keep = 3 if len(value) > 4 else 1
+    return "•" * max(3, len(value) - keep) + value[-keep:]
+
+
+def _seconds(a: datetime | None, b: datetime | None) -> float | None:
+    return round((b - a).total_seconds(), 3) if a and b else None
+
+
+def delivery_out(d: Delivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=d.id,
+        job_id=d.job_id,
+        ae_title=d.ae_title,
+        host=d.host,
+        port=d.port,
+        kind=d.kind,
+        status=d.status,
+        attempts=d.attempts,
+        last_error=d.last_error,
+        created_at=d.created_at,
+        delivered_at=d.delivered_at,
+    )
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    stages = StageTimes(
+        received_at=job.received_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        intake_s=_seconds(job.received_at, job.queued_at),
+        queue_wait_s=_seconds(job.queued_at, job.started_at),
+        run_s=_seconds(job.started_at, job.finished_at),
+        total_s=_seconds(job.received_at, job.finished_at),
+    )
+    return {
+        "id": job.id,
+        "status": JobStatus(job.status),
+        "reason_code": job.reason_code,
+        "calling_ae_title": job.calling_ae_title,
+        "bundle_version": job.bundle_version,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "accession_masked": mask_accession(job.study.accession_number),
+        "stages": stages,
+        "deliveries": [delivery_out(d) for d in job.deliveries],
+    }
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(**_job_fields(job))
+
+
+def list_jobs(session: Session, flt: JobFilter, limit: int, offset: int) -> JobPage:
+    stmt = flt.apply(select(Job).options(selectinload(Job.deliveries), selectinload(Job.study)))
+    count = flt.apply(select(func.count()).select_from(Job))
+    jobs = session.scalars(stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return JobPage(
+        total=session.scalar(count) or 0, limit=limit, offset=offset, items=[job_out(j) for j in jobs]
+    )
+
+
+def filter_choices(session: Session) -> tuple[list[str], list[str]]:
+    """Source AE titles and destination AE titles seen so far, for the filter drop-downs."""
+    sources = session.scalars(
+        select(Job.calling_ae_title).where(Job.calling_ae_title.is_not(None)).distinct().limit(200)
+    ).all()
+    destinations = session.scalars(select(Delivery.ae_title).distinct().limit(200)).all()
+    return sorted(s for s in sources if s), sorted(destinations)
+
+
+def heatmap_paths(job: Job, output_dir: Path) -> list[Path]:
+    """The job's heatmap Secondary Capture files, one per analysed image, in output order.
+
+    Delivery rows say where each SC output lies (one row per destination, so de-duplicated by SOP
+    Instance UID); a path that would leave the output dir is ignored.
+    """
+    root = output_dir.resolve()
+    seen: dict[str, Path] = {}
+    for d in job.deliveries:
+        if d.kind != SC_KIND or d.sop_instance_uid in seen:
+            continue
+        path = (root / d.output_path).resolve()
+        if path.is_relative_to(root):
+            seen[d.sop_instance_uid] = path
+    return list(seen.values())
+
+
+def job_detail(session: Session, job: Job, output_dir: Path) -> JobDetailOut:
+    result = job.result or {}
+    by_uid = {
+        str(img.get("sop_instance_uid")): img
+        for img in result.get("images") or []
+        if isinstance(img, dict) and img.get("sop_instance_uid")
+    }
+    raw_gate = result.get("gate")
+    gate: dict[str, Any] = raw_gate if isinstance(raw_gate, dict) else {}
+    stmt = select(Instance.sop_instance_uid, Instance.modality).where(Instance.study_id == job.study_id)
+    if job.queued_at is not None:
+        # Instances that arrived after this job was queued belong to a later job.
+        stmt = stmt.where(Instance.received_at <= job.queued_at)
+    instances = session.execute(stmt.order_by(Instance.id)).all()
+    known = {row.sop_instance_uid for row in instances}
+    # The result may name images not listed above (clock skew between processes): show those too.
+    rows = [(row.sop_instance_uid, row.modality) for row in instances]
+    rows += [(uid, None) for uid in [*by_uid, *gate] if uid not in known]
+    images: list[ImageOut] = []
+    for uid, modality in dict.fromkeys(rows):
+        img = by_uid.get(uid)
+        if img is not None:
+            raw = img.get("probabilities")
+            probs: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            images.append(
+                ImageOut(
+                    sop_instance_uid=uid,
+                    modality=modality,
+                    decision="analysed",
+                    probabilities={str(k): float(v) for k, v in probs.items()},
+                    present=[str(x) for x in img.get("present") or []],
+                )
+            )
+        else:
+            decision = str(gate.get(uid)) if gate.get(uid) else ("pending" if not result else "not analysed")
+            images.append(ImageOut(sop_instance_uid=uid, modality=modality, decision=decision))
+    heatmaps = [f"/api/jobs/{job.id}/heatmaps/{n}.png" for n in range(len(heatmap_paths(job, output_dir)))]
+    return JobDetailOut(
+        **_job_fields(job),
+        reason_detail=job.reason_detail,
+        result=job.result,
+        events=[JobEventOut(status=e.status, reason_code=e.reason_code, at=e.at) for e in job.events],
+        images=images,
+        heatmaps=heatmaps,
+    )
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.scalar(
+        select(Job)
+        .where(Job.id == job_id)
+        .options(selectinload(Job.deliveries), selectinload(Job.study), selectinload(Job.events))
+    )

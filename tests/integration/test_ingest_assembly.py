@@ -1,0 +1,134 @@
+"""Study assembly on the real path: the quiet period, association release, and late instances re-running."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from service.core.jobs import transition
+from service.core.models import JobEvent, Study
+from service.core.status import JobStatus
+from service.scp.server import Listener
+from tests.support.dcmtk import storescu
+from tests.support.ingest import (
+    association,
+    ingest_settings,
+    jobs,
+    running_listener,
+    scu,
+    store_status,
+    wait_for,
+)
+
+CR = "dicom/chest/cr-pa-mono1-explicit-le.dcm"
+QUIET = 0.6
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    with running_listener(ingest_settings(tmp_path, study_quiet_seconds=QUIET)) as lst:
+        yield lst
+
+
+def _instance(shared_dir: Path, study_uid: str) -> Dataset:
+    ds = dcmread(shared_dir / CR)
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def _broker_messages(listener: Listener) -> int:
+    return len(list((listener.settings.broker_dir / "messages").glob("*.msg")))
+
+
+def _study(listener: Listener) -> Study:
+    with listener.sessions() as session:
+        return session.scalars(select(Study)).one()
+
+
+def test_open_association_holds_the_study_and_release_restarts_the_quiet_period(
+    listener: Listener, shared_dir: Path
+) -> None:
+    study_uid = generate_uid()
+    with association(scu(), listener.settings) as assoc:
+        assert store_status(assoc, _instance(shared_dir, study_uid)) == 0x0000
+        stored_at = _study(listener).last_received_at
+        # Longer than the quiet period, but the association that is sending the study is still open.
+        time.sleep(QUIET * 3)
+        assert [j.status for j in jobs(listener)] == [JobStatus.RECEIVED]
+        released_at = datetime.now(UTC)
+    # After the release the countdown restarts from the release, not from the instance.
+    touched = wait_for(lambda: (s := _study(listener)).last_received_at > stored_at and s)
+    assert touched.last_received_at >= released_at
+    [job] = wait_for(lambda: [j for j in jobs(listener) if j.status == JobStatus.QUEUED])
+    assert job.queued_at is not None
+    assert (job.queued_at - touched.last_received_at).total_seconds() >= QUIET - 0.05
+
+
+def test_instances_after_a_finished_job_start_a_rerun_and_history_keeps_both(
+    listener: Listener, shared_dir: Path, tmp_path: Path
+) -> None:
+    study_uid = generate_uid()
+    first = tmp_path / "first.dcm"
+    _instance(shared_dir, study_uid).save_as(first, enforce_file_format=True)
+    assert (
+        storescu("127.0.0.1", listener.settings.listener_port, [first], called_aet="CXR_GATEWAY").returncode
+        == 0
+    )
+    [job1] = wait_for(lambda: [j for j in jobs(listener) if j.status == JobStatus.QUEUED])
+    # The worker's part, done by hand: the job ran and finished.
+    with listener.sessions.begin() as session:
+        assert transition(session, job1.id, JobStatus.RUNNING, expected=[JobStatus.QUEUED])
+        assert transition(session, job1.id, JobStatus.DONE, expected=[JobStatus.RUNNING])
+
+    late = tmp_path / "late.dcm"
+    _instance(shared_dir, study_uid).save_as(late, enforce_file_format=True)
+    assert (
+        storescu("127.0.0.1", listener.settings.listener_port, [late], called_aet="CXR_GATEWAY").returncode
+        == 0
+    )
+    wait_for(lambda: len(jobs(listener)) == 2 and jobs(listener)[1].status == JobStatus.QUEUED)
+
+    history = jobs(listener)
+    assert [j.status for j in history] == [JobStatus.DONE, JobStatus.QUEUED]
+    assert len({j.study_id for j in history}) == 1
+    with listener.sessions() as session:
+        events = {
+            job.id: [
+                e.status
+                for e in session.scalars(
+                    select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+                )
+            ]
+            for job in history
+        }
+    assert events[history[0].id] == [JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE]
+    assert events[history[1].id] == [JobStatus.RECEIVED, JobStatus.QUEUED]
+    assert _broker_messages(listener) == 2
+
+
+def test_identical_resend_after_a_finished_job_does_not_rerun(
+    listener: Listener, shared_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "one.dcm"
+    _instance(shared_dir, generate_uid()).save_as(path, enforce_file_format=True)
+    assert (
+        storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY").returncode
+        == 0
+    )
+    [job] = wait_for(lambda: [j for j in jobs(listener) if j.status == JobStatus.QUEUED])
+    with listener.sessions.begin() as session:
+        transition(session, job.id, JobStatus.DONE)
+    assert (
+        storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY").returncode
+        == 0
+    )
+    time.sleep(QUIET * 2)
+    assert [j.status for j in jobs(listener)] == [JobStatus.DONE]
