@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.models import Delivery
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, ReasonCode
+from service.core.tls import client_context
 from worker.dicom.scu import c_store
 from worker.errors import PermanentError, TransientError
 
@@ -34,6 +35,7 @@ def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session
             host=target[1],
             port=target[2],
             calling_ae_title=settings.sender_ae_title,
+            tls_context=client_context(settings) if _uses_tls(settings, target) else None,
         )
     except TransientError as exc:
         _record(sessions, delivery_id, DeliveryStatus.RETRYING, str(exc))
@@ -45,6 +47,11 @@ def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session
         return
     _record(sessions, delivery_id, DeliveryStatus.DELIVERED, None)
     log.info("delivery=%d to ae=%s delivered", delivery_id, target[0])
+
+
+def _uses_tls(settings: Settings, target: tuple[str, str, int]) -> bool:
+    # Deliveries keep the address they were made for; TLS follows the destination's current setting.
+    return any((d.ae_title, d.host, d.port) == target and d.tls for d in settings.destinations)
 
 
 def give_up(delivery_id: int, sessions: sessionmaker[Session], error: str) -> None:

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import make_session_factory, migrate
 from service.core.queue import make_celery
+from service.core.reconciler import Reconciler
 from service.core.settings import Settings
 from service.core.tls import server_context
 from service.scp.assembler import StudyAssembler
@@ -110,6 +111,7 @@ class Listener:
         self.assembler = StudyAssembler(
             settings, self.sessions, self.celery, pressure=self.pressure, busy=self.studies.busy
         )
+        self.reconciler = Reconciler(settings, self.sessions, self.celery)
         self.servers: list[ThreadedAssociationServer] = []
 
     @property
@@ -144,6 +146,7 @@ class Listener:
             self.stop()
             raise
         self.assembler.start()
+        self.reconciler.start()
         log.info(
             "listener up ae_title=%s port=%s tls_port=%s quiet=%.1fs max_associations=%d",
             s.listener_ae_title,
@@ -175,6 +178,7 @@ class Listener:
             server.shutdown()
         self.servers.clear()
         self.assembler.stop()
+        self.reconciler.stop()
         self.intake.close()
 
 

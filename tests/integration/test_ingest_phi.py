@@ -181,10 +181,5 @@ def test_serve_end_to_end_our_logs_carry_no_patient_data(serve_logs: list[str]) 
     assert _leaks("\n".join(ours)) == [], "patient data in the logs:\n" + "\n".join(ours)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="highdicom logs SOP Instance UIDs at INFO in the worker ('copy ... attributes from dataset"
-    ' "<UID>"\'); fix: setup_logging (service/core/logging.py) should cap the highdicom logger at WARNING',
-)
 def test_serve_end_to_end_no_log_line_carries_patient_data(serve_logs: list[str]) -> None:
     assert _leaks("\n".join(serve_logs)) == []

@@ -260,3 +260,54 @@ def test_client_context_to_dcmtk_storescp_and_refuses_an_unknown_server(
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+def test_worker_delivery_sends_over_tls_to_a_tls_destination(
+    tmp_path: Path, pki: Pki, shared_dir: Path
+) -> None:
+    """The delivery path (worker.delivery.deliver) honours Destination.tls with mutual auth."""
+    from service.core.db import make_session_factory, migrate
+    from service.core.models import Delivery, Job, Study
+    from service.core.settings import Destination
+    from service.core.status import DeliveryStatus
+    from worker.delivery import deliver
+
+    listener_settings = _tls_settings(tmp_path / "listener", pki, tls_require_client_cert=True)
+    with running_listener(listener_settings) as listener:
+        sender = ingest_settings(
+            tmp_path / "sender",
+            tls_certificate=pki.client_cert,
+            tls_private_key=pki.client_key,
+            tls_ca_certificates=pki.ca_cert,
+            destinations=[
+                Destination(ae_title="CXR_GATEWAY", host="127.0.0.1", port=_tls_port(listener), tls=True)
+            ],
+        )
+        migrate(sender)
+        sessions = make_session_factory(sender)
+        out = sender.output_dir / "job" / "x.dcm"
+        out.parent.mkdir(parents=True)
+        out.write_bytes((shared_dir / CR).read_bytes())
+        with sessions.begin() as s:
+            study = Study(study_instance_uid="1.2.3.4")
+            s.add(study)
+            s.flush()
+            s.add(Job(id="j" * 32, study_id=study.id))
+            s.flush()
+            d = Delivery(
+                job_id="j" * 32,
+                ae_title="CXR_GATEWAY",
+                host="127.0.0.1",
+                port=_tls_port(listener),
+                sop_instance_uid="1.2",
+                kind="sc",
+                output_path="job/x.dcm",
+            )
+            s.add(d)
+            s.flush()
+            delivery_id = d.id
+        deliver(delivery_id, sender, sessions)
+        with sessions() as s:
+            row = s.get(Delivery, delivery_id)
+            assert row is not None and row.status == DeliveryStatus.DELIVERED, row and row.last_error
+        assert count(listener, Instance) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 from pydicom import dcmread
@@ -19,9 +20,19 @@ _SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 def c_store(
-    path: Path, *, ae_title: str, host: str, port: int, calling_ae_title: str, timeout: float = 30
+    path: Path,
+    *,
+    ae_title: str,
+    host: str,
+    port: int,
+    calling_ae_title: str,
+    timeout: float = 30,
+    tls_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Send one file; raises TransientError when the peer is unreachable, PermanentError when it refuses."""
+    """Send one file; raises TransientError when the peer is unreachable, PermanentError when it refuses.
+
+    With ``tls_context`` the association runs over TLS (BCP 195; the context enforces TLS >= 1.2).
+    """
     ds = dcmread(path)
     sop_class = ds.SOPClassUID
     native = ds.file_meta.TransferSyntaxUID
@@ -32,7 +43,8 @@ def c_store(
     # Offer the file's own syntax and both uncompressed ones, so a picky PACS still finds one it accepts.
     syntaxes = list(dict.fromkeys([native, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
     ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    tls_args = (tls_context, host) if tls_context is not None else None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
             raise PermanentError(ReasonCode.DELIVERY_REFUSED, "association rejected")
