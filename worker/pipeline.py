@@ -93,8 +93,15 @@ def process_study(job_id: str, rt: Runtime) -> list[int]:
         if job is None:
             raise PermanentError(ReasonCode.INTERNAL_ERROR, "unknown job")
         if JobStatus(job.status).is_final:
-            log.info("job=%s already %s; nothing to do", job_id, job.status)
-            return []
+            # A redelivered task (worker died, or the broker was away when deliveries were sent):
+            # hand back what is still undelivered instead of analysing again.
+            pending = session.scalars(
+                select(Delivery.id).where(
+                    Delivery.job_id == job_id, Delivery.status == DeliveryStatus.PENDING
+                )
+            ).all()
+            log.info("job=%s already %s; %d deliveries pending", job_id, job.status, len(pending))
+            return list(pending)
         transition(session, job_id, JobStatus.RUNNING, reason_code=None)
         job.attempts += 1
         instances = session.scalars(

@@ -18,7 +18,7 @@ from worker.pipeline import process_study
 log = logging.getLogger(__name__)
 
 
-@app.task(name=names.PROCESS_STUDY, bind=True, max_retries=3, acks_late=True)
+@app.task(name=names.PROCESS_STUDY, bind=True, max_retries=20, acks_late=True)
 def process_study_task(self: Task[Any, Any], job_id: str) -> None:
     try:
         delivery_ids = process_study(job_id, runtime)
@@ -38,8 +38,12 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
                 reason_detail=type(exc).__name__,
             )
         return
-    for delivery_id in delivery_ids:
-        enqueue(app, names.DELIVER, delivery_id)
+    try:
+        for delivery_id in delivery_ids:
+            enqueue(app, names.DELIVER, delivery_id)
+    except Exception as exc:
+        # Broker away: retry this task; the re-run finds the job done and returns the pending deliveries.
+        raise self.retry(exc=exc, countdown=5 * (self.request.retries + 1)) from exc
 
 
 @app.task(name=names.DELIVER, bind=True, acks_late=True, max_retries=None)

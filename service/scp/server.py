@@ -186,6 +186,16 @@ class Listener:
 STALE_STAGING_SECONDS = 3600
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _prepare_staging(settings: Settings) -> Path:
     """A staging folder on the spool's file system, so accepting an instance is a rename, not a copy.
 
@@ -198,10 +208,15 @@ def _prepare_staging(settings: Settings) -> Path:
         with contextlib.suppress(OSError):
             if stale.is_file() and stale.stat().st_mtime < cutoff:
                 stale.unlink()
-    for folder in root.glob("*"):
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only succeeds when empty
-    staging = root / f"{socket.gethostname()}-{os.getpid()}"
+    host = socket.gethostname()
+    for folder in root.glob(f"{host}-*"):
+        # Only folders of dead processes on this host: a replica starting beside a live listener must
+        # never pull the folder from under its transfers (another host's folders are its own business).
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
+    staging = root / f"{host}-{os.getpid()}"
     staging.mkdir(parents=True, exist_ok=True)
     # pynetdicom creates its chunked-receive files with tempfile defaults; this process is ours alone.
     tempfile.tempdir = str(staging)

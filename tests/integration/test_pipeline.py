@@ -76,8 +76,8 @@ def test_chest_study_gives_sr_and_sc_and_deliveries(runtime: Runtime, shared_dir
         paths = [runtime.settings.output_dir / d.output_path for d in s.scalars(select(Delivery))]
     for path in paths:
         assert dciodvfy_errors(path) == []
-    # Idempotent: the same job again does nothing new.
-    assert process_study(job_id, runtime) == []
+    # Idempotent: the same job again analyses nothing; it hands back the still-pending deliveries.
+    assert process_study(job_id, runtime) == delivery_ids
 
 
 @pytest.mark.parametrize(
@@ -117,3 +117,12 @@ def test_a_redelivered_task_reuses_its_delivery_rows(runtime: Runtime, shared_di
     assert set(second) == set(first) - {first[0]}
     with runtime.sessions() as s:
         assert len(s.scalars(select(Delivery)).all()) == len(first)
+
+
+def test_a_finished_job_hands_back_its_undelivered_outputs(runtime: Runtime, shared_dir: Path) -> None:
+    """The broker was away when deliveries were enqueued: the retried task must not lose them."""
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    first = process_study(job_id, runtime)
+    with runtime.sessions.begin() as s:
+        s.get(Delivery, first[0]).status = "delivered"  # type: ignore[union-attr]
+    assert process_study(job_id, runtime) == first[1:]
