@@ -17,14 +17,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
 from service.core.jobs import transition
-from service.core.models import Job
+from service.core.models import Delivery, Job, JobEvent
 from service.core.queue import enqueue
 from service.core.settings import Settings
-from service.core.status import JobStatus
+from service.core.status import DeliveryStatus, JobStatus
 
 log = logging.getLogger(__name__)
 
 REQUEUED = "requeued_by_reconciler"
+DELIVERIES_REQUEUED = "deliveries_requeued"
 
 
 def reconcile(
@@ -66,7 +67,46 @@ def reconcile(
             continue
         log.warning("job=%s was stuck; re-enqueued", job_id)
         requeued.append(job_id)
+    requeued.extend(_undelivered(sessions, celery, queued_deadline, now))
     return requeued
+
+
+def _undelivered(
+    sessions: sessionmaker[Session], celery: Celery, deadline: timedelta, now: datetime
+) -> list[str]:
+    """Finished jobs whose outputs were never handed to the broker (it was away at the time).
+
+    Re-sending the job's task is enough: for a finished job the worker only enqueues its pending
+    deliveries. An event row marks each attempt so a slow queue is not flooded with copies.
+    """
+    cutoff = now - deadline
+    recent = select(JobEvent.job_id).where(JobEvent.reason_code == DELIVERIES_REQUEUED, JobEvent.at >= cutoff)
+    with sessions() as session:
+        job_ids = session.scalars(
+            select(Job.id)
+            .join(Delivery, Delivery.job_id == Job.id)
+            .where(
+                Job.status.in_([JobStatus.DONE, JobStatus.SKIPPED]),
+                Job.finished_at < cutoff,
+                Delivery.status == DeliveryStatus.PENDING,
+                Job.id.not_in(recent),
+            )
+            .distinct()
+        ).all()
+    done: list[str] = []
+    for job_id in job_ids:
+        try:
+            enqueue(celery, tasks.PROCESS_STUDY, job_id)
+        except Exception:
+            log.exception("reconciler could not reach the broker for job=%s", job_id)
+            continue
+        with sessions.begin() as session:
+            session.add(
+                JobEvent(job_id=job_id, status=JobStatus.DONE, reason_code=DELIVERIES_REQUEUED, at=now)
+            )
+        log.warning("job=%s had undelivered outputs; re-enqueued", job_id)
+        done.append(job_id)
+    return done
 
 
 class Reconciler:
