@@ -15,22 +15,7 @@ import torch
 from monai.bundle import ConfigParser
 from safetensors.torch import save_file
 
-NIH_LABELS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+from worker.labels import NIH_LABELS as NIH_LABELS  # the labels a new bundle gets by default
 
 # Inputs are display images: 2-D float32 in [0, 1], MONOCHROME2 sense (the worker's DICOM reader and
 # the training PNG loader both produce exactly that).

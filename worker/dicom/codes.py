@@ -36,25 +36,9 @@ __all__ = [
     "finding_code",
 ]
 
-LOCAL_SCHEME_DESIGNATOR: Final = "99CXR"
+from worker.labels import NIH_LABELS
 
-# The 14 labels exactly as NIH spells them, in NIH order (the model's output order).
-NIH_LABELS: Final[tuple[str, ...]] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+LOCAL_SCHEME_DESIGNATOR: Final = "99CXR"
 
 
 def _concept(code: Code) -> CodedConcept:
