@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -31,6 +36,32 @@ log = logging.getLogger(__name__)
 TOP_HEATMAPS = 3
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+
+
+class DecodeTimeout(Exception):
+    """A codec ran past its time limit on one image (a decompression bomb or a codec bug)."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise DecodeTimeout in this thread after ``seconds`` (main thread only, as Celery runs tasks).
+
+    Elsewhere (a thread pool) there is no portable way to interrupt a codec, so no limit applies.
+    """
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expire(signum: int, frame: FrameType | None) -> None:
+        raise DecodeTimeout
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -177,9 +208,13 @@ def _analyse(
             gate[sop_uid] = decision.reason
             continue
         try:
-            display = read_display_pixels(ds)
+            with time_limit(settings.decode_timeout_seconds):
+                display = read_display_pixels(ds)
         except PixelDataError as exc:
             gate[sop_uid] = exc.reason
+            continue
+        except DecodeTimeout:
+            gate[sop_uid] = ReasonCode.PIXEL_DECODE_TIMEOUT
             continue
         gate[sop_uid] = None
         eligible.append((ds, display))

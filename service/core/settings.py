@@ -158,6 +158,7 @@ class Settings(BaseSettings):
     gate_body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG", ""])
     gate_view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP", ""])
     gate_min_side: int = Field(default=256, ge=1, description="smallest Rows/Columns analysed")
+    decode_timeout_seconds: float = Field(default=30.0, ge=0, description="per-image pixel decode limit")
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:

@@ -39,6 +39,7 @@ class ReasonCode(StrEnum):
     NOT_2D_GREY = "not_2d_grey"
     TOO_SMALL = "too_small"
     PIXEL_DECODE_ERROR = "pixel_decode_error"
+    PIXEL_DECODE_TIMEOUT = "pixel_decode_timeout"
     PIXEL_MODULE_INCONSISTENT = "pixel_module_inconsistent"
     SPOOL_FILE_MISSING = "spool_file_missing"
     INFERENCE_ERROR = "inference_error"

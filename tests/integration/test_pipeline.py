@@ -126,3 +126,27 @@ def test_a_finished_job_hands_back_its_undelivered_outputs(runtime: Runtime, sha
     with runtime.sessions.begin() as s:
         s.get(Delivery, first[0]).status = "delivered"  # type: ignore[union-attr]
     assert process_study(job_id, runtime) == first[1:]
+
+
+def test_a_decode_over_the_time_limit_is_recorded_not_fatal(
+    runtime: Runtime, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as _time
+
+    import worker.pipeline as pipeline
+
+    def slow_decode(ds: object, **_: object) -> object:
+        _time.sleep(5)
+        raise AssertionError("the time limit should have stopped this")
+
+    monkeypatch.setattr(pipeline, "read_display_pixels", slow_decode)
+    runtime.settings.decode_timeout_seconds = 0.5
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    t0 = _time.monotonic()
+    process_study(job_id, runtime)
+    assert _time.monotonic() - t0 < 4
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert job.status == JobStatus.SKIPPED
+        assert job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT
