@@ -199,7 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--threads", type=int, default=0)
+    onnx = sub.add_parser("export-onnx", help="(re)write models/model.onnx from a bundle's weights")
+    onnx.add_argument("--bundle", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "export-onnx":
+        from worker.inference.onnx import export_onnx
+
+        print(f"wrote {export_onnx(args.bundle)}")
+        return
     if args.command != "init-bundle":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "init-bundle":

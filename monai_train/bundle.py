@@ -80,6 +80,7 @@ def export_bundle(
     training_data: dict[str, Any],
     model_card: str,
     fp16: bool = True,
+    onnx: bool = True,
 ) -> Path:
     (out_dir / "configs").mkdir(parents=True, exist_ok=True)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -141,4 +142,9 @@ def export_bundle(
     }
     (out_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out_dir / "docs" / "README.md").write_text(model_card)
+    if onnx:
+        # The worker's CPU path runs this with ONNX Runtime; it is built from the weights just written.
+        from worker.inference.onnx import export_onnx
+
+        export_onnx(out_dir)
     return out_dir

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
 WEIGHTS = Path("models/model.safetensors")
+ONNX_WEIGHTS = Path("models/model.onnx")
 
 
 class BundleError(RuntimeError):
@@ -57,7 +58,9 @@ class Bundle:
 def bundle_hash(path: Path) -> str:
     """sha256 over the files that define behaviour (configs and weights), in a stable order."""
     digest = hashlib.sha256()
-    for rel in (METADATA, INFERENCE, WEIGHTS):
+    for rel in (METADATA, INFERENCE, WEIGHTS, ONNX_WEIGHTS):
+        if rel == ONNX_WEIGHTS and not (path / rel).is_file():
+            continue  # optional: derived from WEIGHTS for the CPU path
         digest.update(str(rel).encode())
         with (path / rel).open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -72,3 +72,19 @@ def test_gradcam_fallback_agrees_with_cam(bundle_dir: Path) -> None:
         a, b = cam.cams[0, c].ravel(), small[0, c].numpy().ravel()
         if a.std() > 0 and b.std() > 0:
             assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_onnx_runtime_backend_matches_torch(tmp_path: Path) -> None:
+    """The CPU path (ONNX Runtime, graph exported from the bundle) gives torch's probabilities and maps."""
+    out = tmp_path / "bundle"
+    init_bundle(out, seed=5)  # export_bundle also writes models/model.onnx
+    bundle = load_bundle(out)
+    assert (out / "models" / "model.onnx").is_file()
+    rng = np.random.default_rng(2)
+    images = [rng.random((400, 380), dtype=np.float32) for _ in range(3)]
+    onnx = Predictor(bundle, backend="onnx")
+    torch_ = Predictor(bundle, backend="torch")
+    assert onnx.backend == "onnx" and Predictor(bundle).backend == "onnx"
+    a, b = onnx.predict(images), torch_.predict(images)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    np.testing.assert_allclose(a.cams, b.cams, atol=1e-4)
