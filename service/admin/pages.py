@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
@@ -148,18 +149,41 @@ def _parse_filter(
     return flt, echo
 
 
-def _jobs_context(
-    session: DB,
-    status: str,
-    since: str,
-    until: str,
-    source_ae: str,
-    destination: str,
-    limit: int,
-    offset: int,
-) -> dict[str, Any]:
-    flt, values = _parse_filter(status, since, until, source_ae, destination)
-    limit = limit if limit in PAGE_SIZES else 50
+FilterField = Annotated[str, Query(max_length=32)]
+
+
+@dataclass(frozen=True)
+class JobListQuery:
+    """The jobs page's filters and paging, shared by the page and the table it polls."""
+
+    status: str
+    since: str
+    until: str
+    source_ae: str
+    destination: str
+    limit: int
+    offset: int
+
+
+def job_list_query(
+    status: FilterField = "",
+    since: FilterField = "",
+    until: FilterField = "",
+    source_ae: FilterField = "",
+    destination: FilterField = "",
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobListQuery:
+    return JobListQuery(status, since, until, source_ae, destination, limit, offset)
+
+
+JobList = Annotated[JobListQuery, Depends(job_list_query)]
+
+
+def _jobs_context(session: DB, f: JobListQuery) -> dict[str, Any]:
+    flt, values = _parse_filter(f.status, f.since, f.until, f.source_ae, f.destination)
+    offset = f.offset
+    limit = f.limit if f.limit in PAGE_SIZES else 50
     page = list_jobs(session, flt, limit, offset)
     query = {k: v for k, v in values.items() if v}
 
@@ -180,23 +204,9 @@ def _jobs_context(
     }
 
 
-FilterField = Annotated[str, Query(max_length=32)]
-
-
 @router.get("/", response_class=HTMLResponse)
-def jobs_page(
-    request: Request,
-    session: DB,
-    user: User,
-    status: FilterField = "",
-    since: FilterField = "",
-    until: FilterField = "",
-    source_ae: FilterField = "",
-    destination: FilterField = "",
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> HTMLResponse:
-    context = _jobs_context(session, status, since, until, source_ae, destination, limit, offset)
+def jobs_page(request: Request, session: DB, user: User, query: JobList) -> HTMLResponse:
+    context = _jobs_context(session, query)
     sources, destinations = filter_choices(session)
     configured = [d.ae_title for d in request.app.state.ctx.settings.destinations]
     context |= {"sources": sources, "destinations": sorted({*destinations, *configured})}
@@ -204,20 +214,9 @@ def jobs_page(
 
 
 @router.get("/jobs/rows", response_class=HTMLResponse)
-def jobs_rows(
-    request: Request,
-    session: DB,
-    user: User,
-    status: FilterField = "",
-    since: FilterField = "",
-    until: FilterField = "",
-    source_ae: FilterField = "",
-    destination: FilterField = "",
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> HTMLResponse:
+def jobs_rows(request: Request, session: DB, user: User, query: JobList) -> HTMLResponse:
     """The jobs table body alone, polled by the jobs page."""
-    context = _jobs_context(session, status, since, until, source_ae, destination, limit, offset)
+    context = _jobs_context(session, query)
     return render(request, "_job_rows.html", context)
 
 
