@@ -15,7 +15,8 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from service.admin import actions, dicomops, health
-from service.admin.deps import DB, Admin, Client, Ctx, User
+from service.admin.auth import Principal
+from service.admin.deps import DB, Admin, Client, Context, Ctx, User
 from service.admin.queries import (
     JobFilter,
     delivery_out,
@@ -211,19 +212,20 @@ def api_upload(
     fresh_uids: Annotated[bool, Form(description="give a DICOM file new study/series/instance UIDs")] = True,
 ) -> UploadOut:
     """Send a file through the pipeline, C-STOREd to our own listener like a PACS would."""
-    data = read_limited(file, ctx.settings.dashboard_upload_max_bytes)
     try:
-        return actions.upload(
-            ctx.sessions,
-            ctx.settings,
-            data,
-            file.filename or "",
-            fresh_uids=fresh_uids,
-            who=admin,
-            client=client,
-        )
+        return upload_file(ctx, file, fresh_uids=fresh_uids, who=admin, client=client)
     except actions.ActionError as exc:
         raise _fail(exc) from exc
+
+
+def upload_file(
+    ctx: Context, file: UploadFile, *, fresh_uids: bool, who: Principal, client: str
+) -> UploadOut:
+    """The one upload path behind the API and the upload page (size limit, then the action)."""
+    data = read_limited(file, ctx.settings.dashboard_upload_max_bytes)
+    return actions.upload(
+        ctx.sessions, ctx.settings, data, file.filename or "", fresh_uids=fresh_uids, who=who, client=client
+    )
 
 
 def read_limited(file: UploadFile, limit: int) -> bytes:

@@ -15,7 +15,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from service.admin import actions, health
-from service.admin.api import read_limited
+from service.admin.api import upload_file
 from service.admin.deps import DB, Admin, Client, Ctx, User
 from service.admin.guard import client_address, csrf_token, principal_of
 from service.admin.queries import JobFilter, filter_choices, get_job, job_detail, list_jobs
@@ -347,17 +347,8 @@ def upload(
     file: Annotated[UploadFile, File()],
     fresh_uids: Annotated[bool, Form()] = False,
 ) -> Response:
-    data = read_limited(file, ctx.settings.dashboard_upload_max_bytes)
     try:
-        out = actions.upload(
-            ctx.sessions,
-            ctx.settings,
-            data,
-            file.filename or "",
-            fresh_uids=fresh_uids,
-            who=admin,
-            client=client,
-        )
+        out = upload_file(ctx, file, fresh_uids=fresh_uids, who=admin, client=client)
     except actions.ActionError as exc:
         flash(request, "error", f"Upload failed: {exc.detail}")
         return _back("/upload")
