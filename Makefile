@@ -29,8 +29,11 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/python -m pytest
 
+# The quick benchmarks (minutes); ingest_bench.py and load_fault.py take longer: see docs/benchmarks.md.
 bench: $(VENV)/.installed
-	$(BIN)/python -m pytest -m bench -s tests/bench
+	$(BIN)/python bench/inference_bench.py
+	$(BIN)/python bench/heatmap_bench.py
+	$(BIN)/python bench/batching_bench.py
 
 clean:
 	rm -rf $(VENV) .cxr-data

@@ -38,19 +38,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     bundle = load_bundle(DEFAULT_BUNDLE)
-    cam = Predictor(bundle, cam_method="cam")
+    cam = Predictor(bundle, cam_method="cam", backend="torch")
     grad = Predictor(bundle, cam_method="gradcam")
     rng = np.random.default_rng(0)
     images = [rng.random((1024, 1024), dtype=np.float32) for _ in range(args.batch)]
-    x = cam._batch(images)
+    x = cam.prepare(images)
 
     def forward_only() -> object:
         with torch.inference_mode():
             return cam.net(x)
 
     t_forward = _time(forward_only, args.repeats)
-    t_cam = _time(lambda: cam._predict_cam(images), args.repeats)
-    t_pre = _time(lambda: cam._batch(images), args.repeats)
+    t_cam = _time(lambda: cam.predict(images), args.repeats)
+    t_pre = _time(lambda: cam.prepare(images), args.repeats)
     t_grad_one = _time(lambda: grad.predict(images[:1]), max(1, args.repeats // 2))
 
     n = args.batch

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import random_bundle
 
-from monai_train.bundle import NIH_LABELS, build_network, export_bundle, inference_config
 from worker.inference.bundle import load_bundle
 from worker.inference.predictor import Predictor
 
@@ -44,22 +44,7 @@ def main() -> None:
     n, s = args.batch, args.size
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = inference_config(len(NIH_LABELS), image_size=s)
-        torch.manual_seed(0)
-        out = export_bundle(
-            Path(tmp) / "b",
-            build_network(cfg),
-            cfg,
-            name="bench",
-            version="bench",
-            labels=NIH_LABELS,
-            operating_points=dict.fromkeys(NIH_LABELS, 0.5),
-            temperature=1.0,
-            metrics={},
-            training_data={},
-            model_card="bench",
-            fp16=False,
-        )
+        out = random_bundle(Path(tmp) / "b", s)
         bundle = load_bundle(out)
         net = bundle.network()
         x = torch.randn(n, 1, s, s)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -118,20 +119,26 @@ def storescu(port: int, called: str, files: list[Path], extra: list[str]) -> flo
 
 
 @contextmanager
+def _server(args: list[str], port: int, log_path: Path, **popen: Any) -> Iterator[int]:
+    """Run a DICOM server process until the block ends; yields its port once it listens."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=log, **popen)
+        try:
+            wait_for_port(port)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@contextmanager
 def dcmtk_storescp(work: Path, options: list[str]) -> Iterator[int]:
     out = work / "storescp-out"
     out.mkdir(parents=True)
     port = free_port()
-    log = (work / "storescp.log").open("wb")
     args = ["storescp", "-aet", "STORESCP", *options, "-od", str(out), str(port)]
-    proc = subprocess.Popen(args, stdout=log, stderr=log)
-    try:
-        wait_for_port(port)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with _server(args, port, work / "storescp.log") as p:
+        yield p
 
 
 @contextmanager
@@ -146,17 +153,9 @@ def gateway_listener(work: Path) -> Iterator[int]:
         "CXR_STUDY_QUIET_SECONDS": "3600",
         "CXR_LOG_LEVEL": "WARNING",
     }
-    log = (work / "listener.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "listener"], cwd=REPO, env=env, stdout=log, stderr=log
-    )
-    try:
-        wait_for_port(port)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    args = [sys.executable, "-m", "service.cli", "listener"]
+    with _server(args, port, work / "listener.log", cwd=REPO, env=env) as p:
+        yield p
 
 
 def count_rows(work: Path) -> int:

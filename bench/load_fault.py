@@ -3,9 +3,11 @@
 Real peers only: a private redis-server with AOF, a fresh PostgreSQL database, a private Orthanc as the
 PACS, DCMTK storescu processes as modalities, `cxr-gateway listener`/`worker` processes as deployed.
 Faults (each at a fraction of the studies sent): kill -9 two workers (restarted 10 s later, as systemd
-would), kill -9 Redis and restart it from its AOF, stop Orthanc for a while.
+would), kill -9 Redis and restart it from its AOF, stop Orthanc for a while, and a rolling restart
+(SIGTERM to one listener and one worker, each started again once it has exited, as a deploy does).
 
 Run:  .venv/bin/python bench/load_fault.py --studies 500 [--senders 4] [--workers 4] [--no-faults]
+      [--worker-pool threads --worker-concurrency 8]   (the GPU worker's set-up: batching across studies)
 Prints: studies complete, SR/SC per study in Orthanc, duplicates, stuck jobs, stage latency percentiles
 from the database timestamps, and throughput.
 """
@@ -95,6 +97,17 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.kill9()
 
+    def restart_gracefully(self) -> None:
+        """SIGTERM to the main process only (as Kubernetes does), start again once it has exited."""
+        if self.p and self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                print(f"{self.name} did not stop in 120 s after SIGTERM")
+                self.kill9()
+        self.start()
+
 
 def percentiles(values: list[float]) -> str:
     if not values:
@@ -112,6 +125,9 @@ def main() -> None:
     ap.add_argument("--no-faults", action="store_true")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    ap.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads"])
+    ap.add_argument("--worker-concurrency", type=int, default=1)
+    ap.add_argument("--max-wait-ms", type=float, default=10.0)
     args = ap.parse_args()
 
     import psycopg
@@ -172,6 +188,11 @@ def main() -> None:
         "CXR_RECONCILE_RUNNING_AFTER_SECONDS": "240",
         "CXR_SPOOL_MIN_FREE_BYTES": "0",
         "CXR_LOG_LEVEL": "WARNING",
+        "CXR_WORKER_POOL": args.worker_pool,
+        "CXR_WORKER_CONCURRENCY": str(args.worker_concurrency),
+        "CXR_INFERENCE_MAX_WAIT_MS": str(args.max_wait_ms),
+        "CXR_WORKER_SHUTDOWN_SECONDS": "30",
+        "CXR_LISTENER_DRAIN_SECONDS": "30",
     }
     cli = [sys.executable, "-m", "service.cli"]
     subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
@@ -245,6 +266,11 @@ def main() -> None:
                 print(f"[{time.monotonic() - t0:6.1f}s] FAULT stop Orthanc (destination) for 30 s")
                 orthanc.stop()
                 threading.Timer(30, lambda: orthanc.start(keep_ports=True)).start()
+            elif progress >= 0.75 and "rolling restart" not in faults_done:
+                faults_done.append("rolling restart")
+                print(f"[{time.monotonic() - t0:6.1f}s] FAULT rolling restart: SIGTERM listener-0, worker-3")
+                for proc in (listeners[0], workers[-1]):
+                    threading.Thread(target=proc.restart_gracefully).start()
         all_sent = not any(t.is_alive() for t in threads)
         if (
             all_sent
@@ -268,6 +294,13 @@ def main() -> None:
         jobs = c.execute(
             "select received_at, queued_at, started_at, finished_at from jobs where status='done'"
         ).fetchall()
+        batches = [
+            r[0]
+            for r in c.execute(
+                "select (result->'inference'->>'batch_images')::int from jobs "
+                "where status='done' and result->'inference' is not null"
+            ).fetchall()
+        ]
         deliveries = dict(c.execute("select status, count(*) from deliveries group by status").fetchall())
         last_delivery = c.execute(
             "select j.received_at, max(d.delivered_at) from jobs j join deliveries d on d.job_id = j.id "
@@ -308,6 +341,11 @@ def main() -> None:
     )
     for name, values in stage.items():
         print(f"{name:45s} {percentiles([v for v in values if v is not None])}")
+    if batches:
+        print(
+            f"workers: pool {args.worker_pool} x{args.worker_concurrency}; images per forward pass: "
+            f"mean {np.mean(batches):.2f}, max {max(batches)}"
+        )
     print(
         f"wall time {elapsed:.1f} s → {args.studies / elapsed * 60:.1f} studies/min on {os.cpu_count()} cores"
     )

@@ -177,7 +177,8 @@ def serve(ctx: click.Context) -> None:
     for proc in children.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    # The listener drains open associations and the worker finishes (or hands back) its task first.
+    deadline = time.monotonic() + max(settings.listener_drain_seconds, settings.worker_shutdown_seconds) + 15
     for proc in children.values():
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -15,6 +15,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(settings.worker_queues) - known
     if unknown:
         raise SystemExit(f"unknown worker queue(s) {sorted(unknown)}; known: {sorted(known)}")
+    if names.INFERENCE_QUEUE in settings.worker_queues:
+        from worker.inference.predictor import resolve_device
+
+        try:  # a GPU worker without its GPU should not start (and fail every job), but say why
+            resolve_device(settings.inference_device)
+        except ValueError as exc:
+            raise SystemExit(f"cxr-gateway worker: {exc}") from exc
     queues = ",".join(settings.worker_queues)
     app.worker_main(
         [
@@ -25,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
             queues,
             "--concurrency",
             str(settings.worker_concurrency),
+            "--pool",
+            settings.worker_pool,
             "--without-gossip",
             "--without-mingle",
             *args,

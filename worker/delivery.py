@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core.models import Delivery
+from service.core.models import Delivery, DeliveryAttempt
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, ReasonCode
 from service.core.tls import client_context
@@ -26,6 +26,7 @@ def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session
         row.attempts += 1
         path = settings.output_dir / row.output_path
         target = (row.ae_title, row.host, row.port)
+    started = datetime.now(UTC)
     try:
         if not path.is_file():
             raise PermanentError(ReasonCode.SPOOL_FILE_MISSING, "output file missing")
@@ -38,14 +39,14 @@ def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session
             tls_context=client_context(settings) if _uses_tls(settings, target) else None,
         )
     except TransientError as exc:
-        _record(sessions, delivery_id, DeliveryStatus.RETRYING, str(exc))
+        _record(sessions, delivery_id, DeliveryStatus.RETRYING, str(exc), started)
         log.warning("delivery=%d to ae=%s retrying reason=%s", delivery_id, target[0], exc.reason)
         raise
     except PermanentError as exc:
-        _record(sessions, delivery_id, DeliveryStatus.DEAD_LETTER, str(exc))
+        _record(sessions, delivery_id, DeliveryStatus.DEAD_LETTER, str(exc), started)
         log.error("delivery=%d to ae=%s dead-lettered reason=%s", delivery_id, target[0], exc.reason)
         return
-    _record(sessions, delivery_id, DeliveryStatus.DELIVERED, None)
+    _record(sessions, delivery_id, DeliveryStatus.DELIVERED, None, started)
     log.info("delivery=%d to ae=%s delivered", delivery_id, target[0])
 
 
@@ -60,13 +61,28 @@ def give_up(delivery_id: int, sessions: sessionmaker[Session], error: str) -> No
 
 
 def _record(
-    sessions: sessionmaker[Session], delivery_id: int, status: DeliveryStatus, error: str | None
+    sessions: sessionmaker[Session],
+    delivery_id: int,
+    status: DeliveryStatus,
+    error: str | None,
+    started: datetime | None = None,
 ) -> None:
+    """The delivery's new state, and the attempt that led to it (``started``: when it began)."""
     with sessions.begin() as session:
         row = session.get(Delivery, delivery_id)
         if row is None:
             return
         row.status = status
         row.last_error = error
+        now = datetime.now(UTC)
         if status == DeliveryStatus.DELIVERED:
-            row.delivered_at = datetime.now(UTC)
+            row.delivered_at = now
+        if started is not None:
+            session.add(
+                DeliveryAttempt(
+                    delivery_id=delivery_id, started_at=started, finished_at=now, outcome=status, error=error
+                )
+            )
+        elif row.history:
+            # Giving up after the last retry: that attempt is where the delivery ended.
+            row.history[-1].outcome = status

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
+import numpy as np
+from numpy.typing import NDArray
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,8 +30,9 @@ from worker.dicom.sc import build_heatmap_sc
 from worker.dicom.sr import AlgorithmInfo, FindingResult, build_findings_sr, build_not_analysed_sr
 from worker.dicom.uids import derive_uid
 from worker.errors import PermanentError
+from worker.inference.batcher import BatchingPredictor
 from worker.inference.bundle import Bundle, load_bundle
-from worker.inference.predictor import Predictor
+from worker.inference.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -38,47 +41,89 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 
 
+T = TypeVar("T")
+
+
 class DecodeTimeout(Exception):
     """A codec ran past its time limit on one image (a decompression bomb or a codec bug)."""
 
 
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise DecodeTimeout in this thread after ``seconds`` (main thread only, as Celery runs tasks).
+def call_with_time_limit(fn: Callable[[], T], seconds: float) -> T:
+    """``fn()``, or DecodeTimeout once it has run ``seconds``.
 
-    Elsewhere (a thread pool) there is no portable way to interrupt a codec, so no limit applies.
+    In the main thread (prefork and solo workers) SIGALRM interrupts the codec. In a thread-pool
+    worker no portable way to interrupt a codec exists: the call runs in a helper thread that is
+    abandoned at the limit (it finishes or dies with the process) while the job goes on without it.
     """
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    if seconds <= 0:
+        return fn()
+    if threading.current_thread() is threading.main_thread():
+        return _with_alarm(fn, seconds)
+    outcome: list[Any] = []
 
+    def _call() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed to the waiting task below
+            outcome.append((False, exc))
+
+    helper = threading.Thread(target=_call, name="decode", daemon=True)
+    helper.start()
+    helper.join(seconds)
+    if not outcome:
+        raise DecodeTimeout
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return cast(T, value)
+
+
+def _with_alarm(fn: Callable[[], T], seconds: float) -> T:
     def _expire(signum: int, frame: FrameType | None) -> None:
         raise DecodeTimeout
 
     previous = signal.signal(signal.SIGALRM, _expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        return fn()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
+class Inference(Protocol):
+    """A Predictor, or a BatchingPredictor in front of one."""
+
+    @property
+    def bundle(self) -> Bundle: ...
+
+    @property
+    def description(self) -> dict[str, str]: ...
+
+    def predict(self, images: Sequence[NDArray[np.float32]]) -> Prediction: ...
+
+
 @dataclass
 class Runtime:
-    """What a worker process builds once and reuses across tasks."""
+    """What a worker process builds once and reuses across tasks (thread-safe: tasks may be threads)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
-    _predictor: Predictor | None = field(default=None, init=False)
+    _predictor: Inference | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
-    def predictor(self) -> Predictor:
-        if self._predictor is None:
-            self._predictor = Predictor(
-                load_bundle(self.settings.model_bundle), threads=self.settings.torch_threads
-            )
-        return self._predictor
+    def predictor(self) -> Inference:
+        with self._lock:
+            if self._predictor is None:
+                self._predictor = make_inference(self.settings)
+            return self._predictor
+
+    def close(self) -> None:
+        with self._lock:
+            if isinstance(self._predictor, BatchingPredictor):
+                self._predictor.close()
+            self._predictor = None
 
     @property
     def gate_rules(self) -> GateRules:
@@ -90,6 +135,34 @@ class Runtime:
     @property
     def bundle(self) -> Bundle:
         return self.predictor.bundle
+
+
+def make_inference(settings: Settings) -> Inference:
+    """The worker's predictor, behind a cross-study batcher where tasks share this process."""
+    s = settings
+    predictor = Predictor(
+        load_bundle(s.model_bundle),
+        device=s.inference_device,
+        threads=s.torch_threads,
+        backend=s.inference_backend,
+        precision=s.inference_precision,
+    )
+    log.info(
+        "model bundle=%s version=%s device=%s precision=%s backend=%s",
+        predictor.bundle.name,
+        predictor.bundle.version,
+        predictor.device,
+        predictor.precision,
+        predictor.backend,
+    )
+    if s.worker_pool == "threads" and s.worker_concurrency > 1 and s.inference_max_batch > 1:
+        log.info(
+            "batching across studies max_batch=%d max_wait_ms=%.0f",
+            s.inference_max_batch,
+            s.inference_max_wait_ms,
+        )
+        return BatchingPredictor(predictor, s.inference_max_batch, s.inference_max_wait_ms / 1000)
+    return predictor
 
 
 @dataclass(frozen=True)
@@ -208,8 +281,7 @@ def _analyse(
             gate[sop_uid] = decision.reason
             continue
         try:
-            with time_limit(settings.decode_timeout_seconds):
-                display = read_display_pixels(ds)
+            display = call_with_time_limit(partial(read_display_pixels, ds), settings.decode_timeout_seconds)
         except PixelDataError as exc:
             gate[sop_uid] = exc.reason
             continue
@@ -245,6 +317,12 @@ def _analyse(
         prediction = rt.predictor.predict([display.pixels for _, display in eligible])
     except Exception as exc:  # a bad tensor is this job's problem, not the worker's
         raise PermanentError(ReasonCode.INFERENCE_ERROR, type(exc).__name__) from exc
+    result["inference"] = {
+        **rt.predictor.description,
+        # Shared with other studies when the worker batches: how full the GPU's pass was.
+        "batch_images": prediction.batch_images,
+        "batch_studies": prediction.batch_requests,
+    }
 
     labels = bundle.labels
     for n, ((src, display), probs, cams) in enumerate(

@@ -41,7 +41,7 @@ from service.admin.schemas import (
     RequeueOut,
     UploadOut,
 )
-from service.core.models import AuditEntry, Delivery
+from service.core.models import Delivery
 from service.core.status import DeliveryStatus, JobStatus
 
 router = APIRouter(prefix="/api")
@@ -187,20 +187,7 @@ def api_health(ctx: Ctx, user: User) -> health.HealthOut:
 def api_audit(session: DB, user: User, limit: Limit = 100, offset: Offset = 0) -> AuditPage:
     """Admin actions, newest first."""
     total, rows = actions.audit_page(session, limit, offset)
-    return AuditPage(total=total, items=[_audit_out(r) for r in rows])
-
-
-def _audit_out(row: AuditEntry) -> AuditOut:
-    return AuditOut(
-        id=row.id,
-        at=row.at,
-        username=row.username,
-        action=row.action,
-        target_type=row.target_type,
-        target_id=row.target_id,
-        detail=row.detail,
-        client_address=row.client_address,
-    )
+    return AuditPage(total=total, items=[AuditOut.model_validate(r, from_attributes=True) for r in rows])
 
 
 @router.post("/upload", response_model=UploadOut, tags=["upload"])

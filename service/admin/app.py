@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.orm import Session, sessionmaker
@@ -139,22 +140,36 @@ def _add_docs(app: FastAPI) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    html = get_swagger_ui_html(openapi_url="/openapi.json", title="cxr-gateway API").body
+    # Swagger UI 5 (OpenAPI 3.1) from the fastapi-offline wheel's files, not a CDN: hospitals are offline.
+    html = get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="cxr-gateway API",
+        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css",
+        swagger_favicon_url="/docs/assets/favicon.png",
+    ).body
     text = bytes(html).decode()
-    # Swagger UI needs its own inline bootstrap script and its CDN: allow exactly that script by hash.
+    # Swagger UI needs its own inline bootstrap script: allow exactly that script by hash.
     hashes = " ".join(
         f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
         for s in re.findall(r"<script>(.*?)</script>", text, flags=re.S)
     )
     docs_csp = (
-        f"default-src 'self'; script-src 'self' https://cdn.jsdelivr.net {hashes}; "
-        "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    served = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon.png"}
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
         return HTMLResponse(text, headers={"Content-Security-Policy": docs_csp})
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        if name not in served:  # only these three files of the wheel
+            raise HTTPException(status_code=404)
+        return FileResponse(assets / name)
 
 
 def _add_error_pages(app: FastAPI) -> None:

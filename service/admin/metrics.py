@@ -25,6 +25,8 @@ from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 
 BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# Images in the forward pass that analysed a job: how well a batching (GPU) worker fills its passes.
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 STAGES = {
     # stage: (from column, to column)
     "intake": ("received_at", "queued_at"),  # study assembly: quiet period + queueing
@@ -36,12 +38,13 @@ _OVERLAP = timedelta(seconds=60)
 
 
 class _Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(BUCKETS):
+        for i, bound in enumerate(self.bounds):
             if value <= bound:
                 self.counts[i] += 1
                 break
@@ -52,7 +55,7 @@ class _Histogram:
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip([*map(str, BUCKETS), "+Inf"], self.counts, strict=True):
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
             running += count
             out.append((bound, running))
         return out
@@ -65,13 +68,17 @@ class GatewayCollector(Collector):
         self.celery = celery
         self._lock = threading.Lock()
         self._hist = {stage: _Histogram() for stage in STAGES}
+        self._batch = _Histogram(BATCH_BUCKETS)
         self._cursor: datetime | None = None
         self._seen: dict[str, datetime] = {}  # ids counted within the overlap window
 
     def _update_stages(self, session: Session) -> None:
-        stmt = select(Job.id, Job.received_at, Job.queued_at, Job.started_at, Job.finished_at).where(
-            Job.finished_at.is_not(None)
-        )
+        # Only the one number out of each result's JSON (SQLite json_extract, PostgreSQL ->): the first
+        # scrape after a restart reads every finished job.
+        batch_images = Job.result["inference"]["batch_images"].as_integer().label("batch_images")
+        stmt = select(
+            Job.id, Job.received_at, Job.queued_at, Job.started_at, Job.finished_at, batch_images
+        ).where(Job.finished_at.is_not(None))
         if self._cursor is not None:
             stmt = stmt.where(Job.finished_at > self._cursor - _OVERLAP)
         for row in session.execute(stmt.order_by(Job.finished_at)):
@@ -82,6 +89,8 @@ class GatewayCollector(Collector):
                 a, b = getattr(row, start), getattr(row, end)
                 if a is not None and b is not None:
                     self._hist[stage].observe(max(0.0, (b - a).total_seconds()))
+            if row.batch_images is not None and row.batch_images > 0:
+                self._batch.observe(float(row.batch_images))
             if self._cursor is None or row.finished_at > self._cursor:
                 self._cursor = row.finished_at
         if self._cursor is not None:
@@ -108,9 +117,16 @@ class GatewayCollector(Collector):
             )
             for stage, hist in self._hist.items():
                 stages.add_metric([stage], hist.buckets(), hist.total)
+            batches = HistogramMetricFamily(
+                "cxr_inference_batch_images",
+                "Images in the forward pass that analysed each job (shared across studies when batching)",
+                buckets=self._batch.buckets(),
+                sum_value=self._batch.total,
+            )
         yield jobs
         yield deliveries
         yield stages
+        yield batches
         depth = GaugeMetricFamily("cxr_queue_depth", "Messages waiting in the broker", labels=["queue"])
         for queue, n in health.queue_depth(self.celery, self.settings).items():
             if n is not None:

@@ -11,6 +11,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from service.admin.schemas import (
+    DeliveryAttemptOut,
     DeliveryOut,
     ImageOut,
     JobDetailOut,
@@ -75,6 +76,15 @@ def delivery_out(d: Delivery) -> DeliveryOut:
         last_error=d.last_error,
         created_at=d.created_at,
         delivered_at=d.delivered_at,
+        history=[
+            DeliveryAttemptOut(
+                started_at=a.started_at,
+                seconds=round((a.finished_at - a.started_at).total_seconds(), 3),
+                outcome=a.outcome,
+                error=a.error,
+            )
+            for a in d.history
+        ],
     )
 
 

@@ -21,6 +21,13 @@ class StageTimes(BaseModel):
     total_s: float | None = Field(description="received → finished")
 
 
+class DeliveryAttemptOut(BaseModel):
+    started_at: datetime
+    seconds: float
+    outcome: str
+    error: str | None
+
+
 class DeliveryOut(BaseModel):
     id: int
     job_id: str
@@ -33,6 +40,7 @@ class DeliveryOut(BaseModel):
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+    history: list[DeliveryAttemptOut] = Field(description="every C-STORE attempt, oldest first")
 
 
 class JobOut(BaseModel):

@@ -145,6 +145,26 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+    # Every C-STORE attempt, for the admin asking why a result reached the PACS late or never.
+    history: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="delivery", order_by="DeliveryAttempt.id", lazy="selectin"
+    )
+
+
+class DeliveryAttempt(Base):
+    """One C-STORE attempt of a delivery: when, how long, and what came of it."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))  # a DeliveryStatus value
+    # What the peer or the network said (DIMSE status, refusal, connection error): never patient data.
+    error: Mapped[str | None] = mapped_column(Text)
+
+    delivery: Mapped[Delivery] = relationship(back_populates="history")
 
 
 class InstanceConflict(Base):

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     listener_network_timeout: float = Field(default=60.0, gt=0, description="idle/stalled connection, s")
     listener_acse_timeout: float = Field(default=30.0, gt=0, description="association negotiation, s")
     listener_dimse_timeout: float = Field(default=60.0, gt=0, description="DIMSE message wait, s")
+    # On SIGTERM: no new associations; open ones get this long to finish before they are aborted.
+    listener_drain_seconds: float = Field(default=30.0, ge=0.0)
     # Refuse C-STOREs (0xA700, the sender retries) while the spool's file system has less free space.
     spool_min_free_bytes: int = Field(default=1024**3, ge=0)
     spool_min_free_percent: float = Field(default=0.0, ge=0.0, le=100.0)
@@ -139,7 +141,22 @@ class Settings(BaseSettings):
     uid_prefix: str = Field(default="1.2.826.0.1.3680043.10.1453.", description="Root for output UIDs")
 
     worker_concurrency: int = Field(default=1, ge=1)
+    # On SIGTERM running tasks get this long to finish; then they are cancelled and handed back to the
+    # broker for another worker. Keep it below the orchestrator's kill grace period.
+    worker_shutdown_seconds: float = Field(default=60.0, ge=0.0)
+    # "threads" runs a worker's tasks as threads of one process sharing one model, so its inference
+    # thread can batch images across studies (GPU workers); "prefork" gives each task slot a process.
+    worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
     torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    inference_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # auto: bf16 (or fp16 where bf16 is missing) autocast on a GPU, fp32 on the CPU.
+    inference_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: ONNX Runtime on the CPU when the bundle ships models/model.onnx, torch otherwise.
+    inference_backend: Literal["auto", "torch", "onnx"] = "auto"
+    # Cross-study batching (worker_pool="threads" with worker_concurrency > 1): images per forward pass,
+    # and how long the first images wait for others to join them.
+    inference_max_batch: int = Field(default=32, ge=1)
+    inference_max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0)
     delivery_max_retries: int = Field(default=5, ge=0)
     delivery_retry_base_seconds: float = Field(default=5.0, ge=0.0)
     # Reconciler (runs in the listener): jobs queued or running longer than this are put back on the queue.

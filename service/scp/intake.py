@@ -157,7 +157,7 @@ class Intake:
 
         # The file's data goes to disk while we hash it (both release the GIL): most of an instance's
         # time in here is these two.
-        synced = self._io.submit(spool.fsync_file, rx.path)
+        synced = self._io.submit(spool.fsync_path, rx.path)
         digest = spool.sha256_file(rx.path)
         try:
             known = self._lookup(header.sop_instance, digest)

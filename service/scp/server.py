@@ -173,13 +173,35 @@ class Listener:
         thread.start()
         self.servers.append(server)
 
-    def stop(self) -> None:
+    def open_associations(self, *, established: bool = False) -> list[Any]:
+        """Association threads of our servers; ``established``: only those past negotiation (a bare TCP
+        probe, such as a load balancer's, also gets a thread until it times out)."""
+        found = [assoc for server in self.servers for assoc in server.active_associations]
+        return [a for a in found if a.is_established] if established else found
+
+    def stop(self, drain_seconds: float = 0.0) -> int:
+        """Stop accepting associations, let open ones finish for up to ``drain_seconds``, then abort
+        what is left (the sender retries what it had no answer for). Returns how many were aborted."""
         for server in self.servers:
-            server.shutdown()
+            server.shutdown()  # closes the listening socket only; open associations go on
+        deadline = time.monotonic() + drain_seconds
+        open_now = self.open_associations(established=True)
+        if open_now:
+            log.info("listener draining open_associations=%d for up to %.0fs", len(open_now), drain_seconds)
+        while open_now and time.monotonic() < deadline:
+            time.sleep(0.1)
+            open_now = self.open_associations(established=True)
+        if open_now:
+            log.warning("listener aborted associations=%d after the drain period", len(open_now))
+        for assoc in self.open_associations():  # also connections that never finished negotiating
+            assoc.abort()
         self.servers.clear()
+        # The assembler may still queue studies whose associations just ended; the database keeps the
+        # rest for the next start or another replica.
         self.assembler.stop()
         self.reconciler.stop()
         self.intake.close()
+        return len(open_now)
 
 
 # Files older than this under the staging area belong to no live transfer (pynetdicom writes every PDU).
@@ -227,16 +249,20 @@ def run_listener(settings: Settings, *, run_migrations: bool = True) -> None:
     if run_migrations:
         migrate(settings)
     staging = _prepare_staging(settings)
-    listener = Listener(settings)
-    listener.start()
     stopped = threading.Event()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         stopped.set()
 
+    # Before the port opens: a SIGTERM that arrives with the first association still drains it.
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    stopped.wait()
+    listener = Listener(settings)
+    listener.start()
+    # A timed wait: the kernel may hand SIGTERM to any of our threads, and Python runs the handler only
+    # when the main thread next executes bytecode; an untimed wait then sleeps through it (seen: 8 s).
+    while not stopped.wait(0.2):
+        pass
     log.info("listener stopping")
-    listener.stop()
+    listener.stop(drain_seconds=settings.listener_drain_seconds)
     shutil.rmtree(staging, ignore_errors=True)

@@ -40,7 +40,7 @@ def write_durably(root: Path, rel: Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return target
 
 
@@ -53,14 +53,6 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _make_dirs_durably(path: Path) -> None:
     # A new directory's own entry lives in its parent: fsync that too, or a crash can lose the whole study.
     missing: list[Path] = []
@@ -70,10 +62,11 @@ def _make_dirs_durably(path: Path) -> None:
         probe = probe.parent
     path.mkdir(parents=True, exist_ok=True)
     for created in reversed(missing):
-        _fsync_dir(created.parent)
+        fsync_path(created.parent)
 
 
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file's data, or a directory's entries (a rename is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -91,7 +84,7 @@ def adopt_durably(root: Path, rel: Path, source: Path, *, data_synced: bool = Fa
     target = root / rel
     _make_dirs_durably(target.parent)
     if not data_synced:
-        fsync_file(source)
+        fsync_path(source)
     try:
         os.replace(source, target)
     except OSError as exc:
@@ -108,7 +101,7 @@ def adopt_durably(root: Path, rel: Path, source: Path, *, data_synced: bool = Fa
             Path(tmp).unlink(missing_ok=True)
             raise
         source.unlink(missing_ok=True)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return target
 
 

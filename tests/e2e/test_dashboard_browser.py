@@ -155,6 +155,10 @@ def test_dashboard_in_a_browser(
     page.goto(url + "/audit")
     assert page.locator("text=requeue").count() >= 1 and page.locator("text=upload").count() >= 1
     shots.take(page, "audit", full_page=False)
+    # The API docs render from our own origin (no CDN: this machine, like a hospital, is offline).
+    page.goto(url + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert page.get_by_text("/api/jobs/{job_id}/requeue", exact=True).count() >= 1
     assert not errors, errors
     ctx.close()
 

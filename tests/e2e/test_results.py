@@ -153,6 +153,12 @@ def test_destination_down_then_back(tmp_path: Path, orthanc: OrthancServer, shar
         )
         assert max(d["attempts"] for d in jobs[0]["deliveries"]) >= 2
         assert len(orthanc.instances()) == 2
+        # Each attempt is on record: refused while the PACS was down, then delivered.
+        for d in gw.api(f"/api/jobs/{jobs[0]['id']}")["deliveries"]:
+            outcomes = [a["outcome"] for a in d["history"]]
+            assert len(outcomes) == d["attempts"] and outcomes[-1] == "delivered"
+            assert all(a["error"] for a in d["history"][:-1])
+        assert any(len(d["history"]) >= 2 for d in gw.api(f"/api/jobs/{jobs[0]['id']}")["deliveries"])
 
 
 def test_refusing_destination_dead_letters_and_replay_delivers(
@@ -180,5 +186,12 @@ def test_refusing_destination_dead_letters_and_replay_delivers(
         for d in dead:
             r = gw.post(f"/api/deliveries/{d['id']}/replay")
             assert r.status_code == 200
-        gw.wait_for_jobs(lambda js: all(d["status"] == "delivered" for d in js[0]["deliveries"]), timeout=120)
+        jobs = gw.wait_for_jobs(
+            lambda js: all(d["status"] == "delivered" for d in js[0]["deliveries"]), timeout=120
+        )
         assert len(pacs.instances()) == 2
+        for d in gw.api(f"/api/jobs/{jobs[0]['id']}")["deliveries"]:
+            # Refused (Orthanc drops the store: no response, retried), given up, replayed, delivered.
+            outcomes = [a["outcome"] for a in d["history"]]
+            assert outcomes[-2:] == ["dead_letter", "delivered"] and set(outcomes[:-2]) <= {"retrying"}
+            assert all(a["error"] for a in d["history"][:-1]) and d["history"][-1]["error"] is None

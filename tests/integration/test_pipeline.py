@@ -150,3 +150,82 @@ def test_a_decode_over_the_time_limit_is_recorded_not_fatal(
         assert job is not None
         assert job.status == JobStatus.SKIPPED
         assert job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT
+
+
+def test_studies_run_as_threads_share_forward_passes(tmp_path: Path, shared_dir: Path) -> None:
+    """A thread-pool worker (the GPU worker's set-up): concurrent studies batched into shared passes,
+    each job still getting exactly its own probabilities."""
+    import threading
+
+    from tests.support.studies import with_fresh_uids
+
+    src = shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"
+    files = [with_fresh_uids(src, tmp_path / f"in/{i}.dcm") for i in range(4)]
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        worker_pool="threads",
+        worker_concurrency=4,
+        inference_max_batch=8,
+        inference_max_wait_ms=2000,  # generous: the four tasks decode at different speeds here
+    )
+    migrate(settings)
+    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
+    job_ids = [_enqueue_files(rt, [f]) for f in files]
+    rt.predictor  # noqa: B018  (load once, before the race)
+    start = threading.Barrier(len(job_ids))
+
+    def run(job_id: str) -> None:
+        start.wait()
+        process_study(job_id, rt)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in job_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    rt.close()
+
+    with rt.sessions() as s:
+        jobs = [s.get(Job, j) for j in job_ids]
+        assert all(j is not None and j.status == JobStatus.DONE for j in jobs)
+        results = [j.result for j in jobs if j is not None and j.result is not None]
+    shared = [r["inference"] for r in results]
+    assert max(i["batch_studies"] for i in shared) > 1, shared
+    assert shared[0]["device"] == "cpu" and shared[0]["precision"] == "fp32"
+    # The same image in four studies: the same answer whichever pass it rode in.
+    probs = [r["images"][0]["probabilities"] for r in results]
+    for p in probs[1:]:
+        assert p == pytest.approx(probs[0], abs=1e-5)
+
+
+def test_the_decode_limit_holds_in_a_thread_pool_worker(runtime: Runtime, shared_dir: Path) -> None:
+    """No SIGALRM outside the main thread: the codec is abandoned at the limit, the job goes on."""
+    import threading
+    import time as _time
+
+    import worker.pipeline as pipeline
+
+    released = threading.Event()
+
+    def stuck_decode(ds: object, **_: object) -> object:
+        released.wait(10)
+        raise AssertionError("abandoned")
+
+    runtime.settings.decode_timeout_seconds = 0.5
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    original = pipeline.read_display_pixels
+    pipeline.read_display_pixels = stuck_decode  # type: ignore[assignment]
+    took: list[float] = []
+    try:
+        t0 = _time.monotonic()
+        worker_thread = threading.Thread(target=lambda: process_study(job_id, runtime))
+        worker_thread.start()
+        worker_thread.join(8)
+        took.append(_time.monotonic() - t0)
+    finally:
+        released.set()
+        pipeline.read_display_pixels = original  # type: ignore[assignment]
+    assert took[0] < 4
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT

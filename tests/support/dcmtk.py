@@ -102,22 +102,55 @@ def storescu(
     ``timeout`` bounds the whole run (subprocess) and the DIMSE/ACSE waits. Raises
     ``subprocess.TimeoutExpired`` if storescu hangs; ``CalledProcessError`` only when ``check``.
     """
+    with tempfile.TemporaryDirectory(prefix="storescu-") as tmp:
+        args = _storescu_args(
+            host, port, files, Path(tmp), called_aet, calling_aet, extra_args, propose, timeout, verbose
+        )
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def storescu_process(
+    host: str,
+    port: int,
+    files: Iterable[Path | str],
+    *,
+    called_aet: str,
+    profile_dir: Path,
+    calling_aet: str = "STORESCU",
+    timeout: float = 120.0,
+) -> subprocess.Popen[str]:
+    """``storescu`` as above, running in the background (``communicate()`` for its outcome)."""
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    args = _storescu_args(host, port, files, profile_dir, called_aet, calling_aet, (), "auto", timeout, True)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _storescu_args(
+    host: str,
+    port: int,
+    files: Iterable[Path | str],
+    tmp: Path,
+    called_aet: str,
+    calling_aet: str,
+    extra_args: Sequence[str],
+    propose: Propose,
+    timeout: float,
+    verbose: bool,
+) -> list[str]:
     paths = [Path(f) for f in files]
     net_timeout = str(max(1, int(timeout)))
     # Timeouts first so that the same options in extra_args (later on the line) override them.
     args = [_tool("storescu"), "-to", net_timeout, "-ta", net_timeout, "-td", net_timeout]
     if verbose:
         args.append("-v")
-    with tempfile.TemporaryDirectory(prefix="storescu-") as tmp:
-        auto = propose == "auto" and not _caller_chose_proposal(extra_args)
-        if auto and paths and all(p.is_file() for p in paths):
-            profile = negotiation_profile(paths)
-            if profile is not None:
-                config = Path(tmp) / "storescu.cfg"
-                config.write_text(profile)
-                args += ["-xf", str(config), "CXRTEST"]
-        args += ["-aet", calling_aet, "-aec", called_aet, *extra_args, host, str(port), *map(str, paths)]
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check)
+    auto = propose == "auto" and not _caller_chose_proposal(extra_args)
+    if auto and paths and all(p.is_file() for p in paths):
+        profile = negotiation_profile(paths)
+        if profile is not None:
+            config = tmp / "storescu.cfg"
+            config.write_text(profile)
+            args += ["-xf", str(config), "CXRTEST"]
+    return [*args, "-aet", calling_aet, "-aec", called_aet, *extra_args, host, str(port), *map(str, paths)]
 
 
 def echoscu(

@@ -11,25 +11,7 @@ from pathlib import Path
 import torch
 
 from worker.inference.bundle import ONNX_WEIGHTS as ONNX
-
-
-class CamNetwork(torch.nn.Module):
-    """(image) -> (logits, raw class-activation maps), for a features + linear-head network."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        head = getattr(getattr(net, "class_layers", None), "out", None)
-        features = getattr(net, "features", None)
-        if not isinstance(head, torch.nn.Linear) or not isinstance(features, torch.nn.Module):
-            raise TypeError("CAM needs a network with .features and .class_layers.out (MONAI DenseNet)")
-        self.features = features
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = torch.relu(self.features(x))
-        logits = self.head(fmap.mean(dim=(2, 3)))
-        cams = torch.relu(torch.einsum("ck,nkhw->nchw", self.head.weight, fmap))
-        return logits, cams
+from worker.inference.cam import CamNetwork
 
 
 def export_onnx(bundle_dir: Path) -> Path:

@@ -1,9 +1,15 @@
-"""Probabilities and class-activation maps for every label from one forward pass."""
+"""Probabilities and class-activation maps for every label from one forward pass.
+
+Two steps, so that a batcher can put them in different threads: ``prepare`` (the bundle's preprocessing,
+on the CPU, per image) and ``run`` (one forward pass over a stacked batch, on the chosen device).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -12,24 +18,62 @@ from numpy.typing import NDArray
 
 from worker.inference.bundle import ONNX_WEIGHTS as ONNX
 from worker.inference.bundle import Bundle
+from worker.inference.cam import CamNetwork
+
+
+class Precision(StrEnum):
+    AUTO = "auto"  # bf16 on a GPU that has it, else fp16 on a GPU; fp32 on the CPU
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Backend(StrEnum):
+    AUTO = "auto"  # ONNX Runtime on the CPU when the bundle ships model.onnx, else torch
+    TORCH = "torch"
+    ONNX = "onnx"
+
+
+_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"inference device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:
+    precision = Precision(precision)
+    if precision != Precision.AUTO:
+        return precision
+    if device.type != "cuda":
+        return Precision.FP32
+    return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
+
+
 @dataclass(frozen=True)
 class Prediction:
     probabilities: NDArray[np.float32]  # (n_images, n_labels), calibrated by the bundle's temperature
     cams: NDArray[np.float32]  # (n_images, n_labels, h, w), each map scaled to [0, 1]
+    # The forward pass(es) that produced this: how many images, from how many callers (studies).
+    batch_images: int = 0
+    batch_requests: int = 1
 
 
 class Predictor:
     """Runs a bundle's network on display images (float32 2-D arrays in [0, 1], MONOCHROME2 sense).
 
-    For a global-pooling + linear head (DenseNet), the activation map of class c is the head's weights
-    for c applied to the final feature map, so all classes' maps cost one forward pass and one einsum,
-    not one backward pass per class as Grad-CAM would.
+    On a GPU the forward pass runs under autocast (bf16 or fp16) in channels-last layout; probabilities
+    and maps are computed in fp32 from its outputs either way.
     """
 
     def __init__(
@@ -38,26 +82,22 @@ class Predictor:
         device: str = "cpu",
         threads: int = 0,
         cam_method: str = "auto",
-        backend: str = "auto",
+        backend: Backend | str = Backend.AUTO,
+        precision: Precision | str = Precision.AUTO,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.bundle = bundle
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.net = bundle.network().to(self.device)
         self.preprocess = bundle.preprocessing()
-        head = getattr(getattr(self.net, "class_layers", None), "out", None)
-        features = getattr(self.net, "features", None)
-        has_cam_head = isinstance(head, torch.nn.Linear) and isinstance(features, torch.nn.Module)
+        has_cam_head = CamNetwork.supports(self.net)
         if cam_method == "auto":
             cam_method = "cam" if has_cam_head else "gradcam"
         self.cam_method = cam_method
         if cam_method == "cam":
-            if not has_cam_head:
-                raise TypeError("CAM needs a network with .features and .class_layers.out (MONAI DenseNet)")
-            assert isinstance(head, torch.nn.Linear) and isinstance(features, torch.nn.Module)
-            self._features: torch.nn.Module = features
-            self._head: torch.nn.Linear = head
+            self._cam_net = CamNetwork(self.net).eval()
         elif cam_method == "gradcam":
             # Any other network: MONAI Grad-CAM on the layer the bundle names (one backward pass per class).
             from monai.visualize.class_activation_maps import GradCAM
@@ -67,9 +107,9 @@ class Predictor:
             self._gradcam = GradCAM(nn_module=self.net, target_layers=layer, postprocessing=_identity)
         else:
             raise ValueError(f"unknown cam_method {cam_method!r}")
-        self.backend = self._choose_backend(backend, device)
+        self.backend = self._choose_backend(Backend(backend))
         self._session: Any = None
-        if self.backend == "onnx":
+        if self.backend == Backend.ONNX:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
@@ -78,61 +118,85 @@ class Predictor:
             self._session = ort.InferenceSession(
                 str(bundle.path / ONNX), options, providers=["CPUExecutionProvider"]
             )
+        if self.device.type == "cuda":
+            # Fixed input size: let cuDNN pick its fastest kernels once.
+            torch.backends.cudnn.benchmark = True
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
-    def _choose_backend(self, backend: str, device: str) -> str:
-        # ONNX Runtime is the faster CPU path for the CAM graph; torch serves GPUs and Grad-CAM.
-        onnx_ok = self.cam_method == "cam" and device == "cpu" and (self.bundle.path / ONNX).is_file()
-        if backend == "auto":
+    def _choose_backend(self, backend: Backend) -> Backend:
+        # ONNX Runtime is the faster CPU path for the CAM graph (measured in bench/inference_bench.py);
+        # torch serves GPUs, Grad-CAM and reduced precision.
+        onnx_ok = (
+            self.cam_method == "cam"
+            and self.device.type == "cpu"
+            and self.precision == Precision.FP32
+            and (self.bundle.path / ONNX).is_file()
+        )
+        if backend == Backend.AUTO:
             if not onnx_ok:
-                return "torch"
+                return Backend.TORCH
             try:
                 import onnxruntime  # noqa: F401
             except ImportError:
-                return "torch"
-            return "onnx"
-        if backend == "onnx" and not onnx_ok:
-            raise ValueError("the ONNX backend needs models/model.onnx, CAM and the CPU")
-        if backend not in {"onnx", "torch"}:
-            raise ValueError(f"unknown backend {backend!r}")
+                return Backend.TORCH
+            return Backend.ONNX
+        if backend == Backend.ONNX and not onnx_ok:
+            raise ValueError("the ONNX backend needs models/model.onnx, CAM, the CPU and fp32")
         return backend
 
-    def _batch(self, images: Sequence[NDArray[np.float32]]) -> torch.Tensor:
+    @property
+    def description(self) -> dict[str, str]:
+        """What ran, for the job's result (and so for whoever audits a finding)."""
+        return {"device": self.device.type, "precision": self.precision.value, "backend": self.backend.value}
+
+    def prepare(self, images: Sequence[NDArray[np.float32]]) -> torch.Tensor:
+        """The bundle's preprocessing, stacked into one float32 CPU batch (n, 1, H, W)."""
         tensors = [torch.as_tensor(np.asarray(self.preprocess(img))) for img in images]
-        return torch.stack(tensors).float().to(self.device)
+        return torch.stack(tensors).float()
 
     def predict(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
+        return self.run(self.prepare(images))
+
+    def run(self, x: torch.Tensor) -> Prediction:
+        """One forward pass over a prepared batch."""
         if self.cam_method == "gradcam":
-            return self._predict_gradcam(images)
-        if self.backend == "onnx":
-            return self._predict_onnx(images)
-        return self._predict_cam(images)
+            return self._run_gradcam(x)
+        if self.backend == Backend.ONNX:
+            logits, cams = self._session.run(None, {"image": x.numpy()})
+            return self._finish(torch.from_numpy(logits), torch.from_numpy(cams))
+        return self._run_cam(x)
 
-    def _predict_onnx(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
-        x = self._batch(images).numpy()
-        logits, cams = self._session.run(None, {"image": x})
-        return self._finish(torch.from_numpy(logits), torch.from_numpy(cams))
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = _DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _finish(self, logits: torch.Tensor, cams: torch.Tensor) -> Prediction:
-        """Calibrated probabilities and maps scaled to [0, 1]: one definition for every backend."""
-        probs = torch.sigmoid(logits / self.bundle.temperature)
-        peak = cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
-        return Prediction(
-            probabilities=probs.cpu().numpy().astype(np.float32),
-            cams=(cams / peak).cpu().numpy().astype(np.float32),
-        )
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
-    def _predict_gradcam(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
-        x = self._batch(images)
+    @torch.inference_mode()
+    def _run_cam(self, x: torch.Tensor) -> Prediction:
+        with self._autocast():
+            logits, cams = self._cam_net(self._to_device(x))
+        return self._finish(logits, cams)
+
+    def _run_gradcam(self, x: torch.Tensor) -> Prediction:
+        x = self._to_device(x)
         with torch.inference_mode():
             logits = self.net(x)
         maps = [self._gradcam(x, class_idx=c)[:, 0] for c in range(logits.shape[1])]  # each (n, H, W)
         return self._finish(logits, torch.relu(torch.stack(maps, dim=1).detach()))
 
-    @torch.inference_mode()
-    def _predict_cam(self, images: Sequence[NDArray[np.float32]]) -> Prediction:
-        x = self._batch(images)
-        fmap = torch.relu(self._features(x))  # (n, k, h, w)
-        pooled = fmap.mean(dim=(2, 3))
-        logits = self._head(pooled)
-        cams = torch.relu(torch.einsum("ck,nkhw->nchw", self._head.weight, fmap))
-        return self._finish(logits, cams)
+    def _finish(self, logits: torch.Tensor, cams: torch.Tensor) -> Prediction:
+        """Calibrated probabilities and maps scaled to [0, 1]: one definition for every backend."""
+        logits, cams = logits.float(), cams.float()
+        probs = torch.sigmoid(logits / self.bundle.temperature)
+        peak = cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+        return Prediction(
+            probabilities=probs.cpu().numpy().astype(np.float32),
+            cams=(cams / peak).cpu().numpy().astype(np.float32),
+            batch_images=int(logits.shape[0]),
+        )

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.admin.app import create_app
 from service.admin.auth import hash_password
 from service.core.db import make_session_factory, migrate
-from service.core.models import Delivery, Instance, Job, JobEvent, Study
+from service.core.models import Delivery, DeliveryAttempt, Instance, Job, JobEvent, Study
 from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus
 
@@ -166,5 +166,7 @@ def make_job(
         if job.finished_at:
             s.add(JobEvent(job_id=job.id, status=status, at=job.finished_at))
         for d in deliveries or []:
-            s.add(Delivery(job_id=job.id, host="127.0.0.1", port=104, **d))
+            fields = dict(d)
+            history = [DeliveryAttempt(**a) for a in fields.pop("history", [])]
+            s.add(Delivery(job_id=job.id, host="127.0.0.1", port=104, history=history, **fields))
         return job.id

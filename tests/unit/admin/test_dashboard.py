@@ -37,7 +37,9 @@ def _result(uid: str, rejected: str) -> dict[str, Any]:
         "bundle": {"name": "cxr14_densenet121", "version": "0.0.1-test"},
         "images": [{"sop_instance_uid": uid, "probabilities": probs, "present": ["Edema", "Hernia"]}],
         "gate": {rejected: "not_frontal"},
-    }
+        "inference": {"device": "cuda", "precision": "bf16", "backend": "torch", "batch_images": 12,
+                      "batch_studies": 7},
+    }  # fmt: skip
 
 
 def _messages(settings: Settings, queue: str) -> list[Any]:
@@ -71,7 +73,13 @@ def done_job(sessions: sessionmaker[Session], settings: Settings) -> str:
         {"ae_title": "PACS", "sop_instance_uid": "9.1", "kind": "sr", "output_path": "out/sr-1.dcm",
          "status": DeliveryStatus.DELIVERED, "attempts": 1, "delivered_at": T0 + timedelta(seconds=12)},
         {"ae_title": "PACS", "sop_instance_uid": "9.2", "kind": "sc", "output_path": "out/sc-1.dcm",
-         "status": DeliveryStatus.DEAD_LETTER, "attempts": 6, "last_error": "refused 0xA700"},
+         "status": DeliveryStatus.DEAD_LETTER, "attempts": 6, "last_error": "refused 0xA700",
+         "history": [
+             {"started_at": T0 + timedelta(seconds=11), "finished_at": T0 + timedelta(seconds=12),
+              "outcome": "retrying", "error": "connection refused <b>x</b>"},
+             {"started_at": T0 + timedelta(seconds=20), "finished_at": T0 + timedelta(seconds=20.5),
+              "outcome": "dead_letter", "error": "refused 0xA700"},
+         ]},
         {"ae_title": "EVIL", "sop_instance_uid": "9.3", "kind": "sc", "output_path": "../../etc/passwd",
          "status": DeliveryStatus.DEAD_LETTER, "attempts": 6},
     ]  # fmt: skip
@@ -162,12 +170,20 @@ def test_job_page_shows_timeline_gate_findings_heatmap_and_deliveries(
     assert f'src="/api/jobs/{done_job}/heatmaps/0.png"' in html
     assert "heatmaps/1.png" not in html  # the path outside the output dir is not served
     assert "refused 0xA700" in html and "Replay" in html
+    assert "cuda · bf16 · torch · one pass of 12 images from 7 studies" in html
+    assert (
+        "2 attempts" in html and "connection refused &lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+    )
     assert "PID-12345" not in html and "alert(" not in html
     detail = admin.get(f"/api/jobs/{done_job}").json()
     assert [i["decision"] for i in detail["images"]] == ["analysed", "not_frontal"]
     assert len(detail["images"][0]["probabilities"]) == 14
     assert detail["heatmaps"] == [f"/api/jobs/{done_job}/heatmaps/0.png"]
     assert [e["status"] for e in detail["events"]] == ["received", "queued", "running", "done"]
+    history = next(
+        d["history"] for d in detail["deliveries"] if d["status"] == "dead_letter" and d["history"]
+    )
+    assert [(a["outcome"], a["seconds"]) for a in history] == [("retrying", 1.0), ("dead_letter", 0.5)]
 
 
 def test_heatmap_png_is_rendered_from_the_sc_file(admin: TestClient, anon: TestClient, done_job: str) -> None:
@@ -312,6 +328,10 @@ def test_metrics(admin: TestClient, sessions: sessionmaker[Session], done_job: s
     assert 'cxr_job_stage_seconds_bucket{le="10.0",stage="total"} 1.0' in text
     assert 'cxr_job_stage_seconds_count{stage="run"} 1.0' in text
     assert 'cxr_queue_depth{queue="inference"} 1.0' in text
+    # The done job rode in a 12-image pass: counted in the 16 bucket, not the 8 one.
+    assert 'cxr_inference_batch_images_bucket{le="8.0"} 0.0' in text
+    assert 'cxr_inference_batch_images_bucket{le="16.0"} 1.0' in text
+    assert "cxr_inference_batch_images_sum 12.0" in text
     # A job that finishes later is counted once, on the next scrape.
     make_job(sessions, JobStatus.FAILED, received=T0 + timedelta(minutes=5))
     admin.get("/metrics")

@@ -137,6 +137,13 @@ def test_docs_need_login_and_allow_only_their_own_script(anon: TestClient, admin
     assert r.status_code == 200
     assert "'sha256-" in r.headers["content-security-policy"]
     assert "'unsafe-inline'" not in r.headers["content-security-policy"]
+    # Offline networks: Swagger UI from our own origin, no CDN anywhere.
+    assert "cdn" not in r.text and "cdn" not in r.headers["content-security-policy"]
+    assert '<script src="/docs/assets/swagger-ui-bundle.js">' in r.text
+    js = admin.get("/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
+    assert admin.get("/docs/assets/redoc.standalone.js").status_code == 404
+    assert anon.get("/docs/assets/swagger-ui.css").status_code in {303, 401}
     schema = admin.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"]["basic"]["scheme"] == "basic"
     assert "/api/jobs/{job_id}/requeue" in schema["paths"]

@@ -48,3 +48,11 @@ def test_bad_destination_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(ValidationError):
         load_settings()
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from service.core.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`CXR_{name.upper()}`" not in readme]
+    assert missing == []

@@ -28,12 +28,13 @@ def test_cams_come_from_the_same_forward_pass(bundle_dir: Path) -> None:
     assert float(pred.cams.max()) <= 1.0 + 1e-6 and float(pred.cams.min()) >= 0.0
 
     # The CAM identity: mean over space of (W·features) + bias is the logit the network outputs.
-    x = predictor._batch(images)
+    x = predictor.prepare(images)
+    cam = predictor._cam_net
     with torch.inference_mode():
         logits = predictor.net(x)
-        fmap = torch.relu(predictor._features(x))
-        raw = torch.einsum("ck,nkhw->nchw", predictor._head.weight, fmap).mean(dim=(2, 3))
-        raw = raw + predictor._head.bias
+        fmap = torch.relu(cam.features(x))
+        raw = torch.einsum("ck,nkhw->nchw", cam.head.weight, fmap).mean(dim=(2, 3))
+        raw = raw + cam.head.bias
     np.testing.assert_allclose(raw.numpy(), logits.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(torch.sigmoid(logits).numpy(), pred.probabilities, atol=1e-5)
 
@@ -88,3 +89,58 @@ def test_onnx_runtime_backend_matches_torch(tmp_path: Path) -> None:
     a, b = onnx.predict(images), torch_.predict(images)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
     np.testing.assert_allclose(a.cams, b.cams, atol=1e-4)
+
+
+def test_precision_defaults_to_fp32_on_the_cpu_and_onnx_refuses_reduced_precision(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert Predictor(bundle, backend="torch").precision == "fp32"
+    with pytest.raises(ValueError, match="fp32"):
+        Predictor(bundle, backend="onnx", precision="bf16")
+    with pytest.raises(ValueError):
+        Predictor(bundle, precision="int3")
+
+
+def test_bf16_autocast_gives_the_fp32_answer_within_reduced_precision(bundle_dir: Path) -> None:
+    """The GPU path's autocast code, run on the CPU (which has bf16 autocast too)."""
+    bundle = load_bundle(bundle_dir)
+    rng = np.random.default_rng(7)
+    images = [rng.random((256, 256), dtype=np.float32) for _ in range(3)]
+    ref = Predictor(bundle, backend="torch", precision="fp32").predict(images)
+    half = Predictor(bundle, backend="torch", precision="bf16")
+    assert half.description == {"device": "cpu", "precision": "bf16", "backend": "torch"}
+    got = half.predict(images)
+    assert got.probabilities.dtype == np.float32 and got.cams.dtype == np.float32
+    np.testing.assert_allclose(got.probabilities, ref.probabilities, atol=0.03)
+    # Same maps up to bf16 rounding: compare where they matter, not pixel noise.
+    corr = np.corrcoef(got.cams.ravel(), ref.cams.ravel())[0, 1]
+    assert corr > 0.98
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_matches_the_cpu(bundle_dir: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker was selected, but torch sees no CUDA device")
+    bundle = load_bundle(bundle_dir)
+    rng = np.random.default_rng(11)
+    images = [rng.random((512, 512), dtype=np.float32) for _ in range(8)]
+    ref = Predictor(bundle, backend="torch").predict(images)
+    for precision in ("auto", "fp16", "fp32"):
+        gpu = Predictor(bundle, device="cuda", precision=precision)
+        assert gpu.device.type == "cuda" and gpu.backend == "torch"
+        got = gpu.predict(images)
+        np.testing.assert_allclose(got.probabilities, ref.probabilities, atol=0.03)
+
+
+def test_a_worker_asked_for_a_missing_gpu_refuses_to_start(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the GPU the test asks for")
+    env = {**os.environ, "CXR_DATA_DIR": str(tmp_path), "CXR_INFERENCE_DEVICE": "cuda"}
+    run = subprocess.run(
+        [sys.executable, "-m", "worker"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 1
+    assert "torch sees no CUDA device" in run.stderr

@@ -1,0 +1,168 @@
+"""Graceful shutdown on SIGTERM (what Kubernetes, systemd and `serve` send), with real processes.
+
+- The listener stops accepting associations and lets open ones finish.
+- A worker finishes its running study, or, past its shutdown time, hands the task back to the broker
+  so another worker runs it (not the reconciler: its deadline is far away here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from service.core.db import make_session_factory
+from service.core.models import Instance, Job
+from service.core.settings import load_settings
+from service.core.status import JobStatus
+from tests.support.dcmtk import echoscu, storescu, storescu_process
+from tests.support.gateway import GatewayProcesses
+from tests.support.net import port_open
+from tests.support.studies import with_fresh_uids
+
+
+def _one_study(source: Path, folder: Path, n: int) -> list[Path]:
+    study_uid = generate_uid()
+    return [with_fresh_uids(source, folder / f"{i}.dcm", study_uid=study_uid) for i in range(n)]
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def test_listener_finishes_open_associations_and_refuses_new_ones(tmp_path: Path, shared_dir: Path) -> None:
+    # 40 uncompressed 7 MB instances in one association: long enough to stop the listener mid-way.
+    files = _one_study(shared_dir / "dicom/chest/cr-pa-mono1-explicit-le.dcm", tmp_path / "in", 40)
+    gw = GatewayProcesses(
+        tmp_path / "gw", commands=("listener",), env={"CXR_LISTENER_DRAIN_SECONDS": "120"}
+    ).start()
+    sessions = make_session_factory(load_settings(data_dir=gw.data_dir))
+    probe = socket.socket()
+    try:
+        sender = storescu_process(
+            "127.0.0.1", gw.listener_port, files, called_aet=gw.ae_title, profile_dir=tmp_path / "scu"
+        )
+
+        def stored() -> int:
+            with sessions() as s:
+                return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+        _wait(lambda: stored() > 0, 60, "no instance arrived")
+        # A load balancer's TCP probe that never negotiates must not hold the drain (30 s ACSE timeout).
+        probe.connect(("127.0.0.1", gw.listener_port))
+        os.kill(gw.procs["listener"].pid, signal.SIGTERM)
+        _wait(lambda: not port_open("127.0.0.1", gw.listener_port), 10, "the port stayed open")
+        refused = echoscu("127.0.0.1", gw.listener_port, called_aet=gw.ae_title)
+        _out, err = sender.communicate(timeout=180)
+        sent_at = time.monotonic()
+        listener_rc = gw.procs["listener"].wait(timeout=60)
+        exited_after = time.monotonic() - sent_at
+    finally:
+        probe.close()
+        gw.stop()
+    assert stored() > 0
+    assert refused.returncode != 0, "a new association was accepted while draining"
+    assert sender.returncode == 0, err
+    assert stored() == 40, "every instance of the open association was taken"
+    assert listener_rc == 0
+    assert exited_after < 10, f"the listener waited {exited_after:.1f} s after the last association"
+    log = gw.log_text()
+    assert "listener draining open_associations=1 " in log and "aborted" not in log
+
+
+@pytest.fixture
+def long_study_gateway(tmp_path: Path, shared_dir: Path, redis_url: str) -> Iterator[GatewayProcesses]:
+    """A listener on Redis (workers start per test), and a 12-image study already received."""
+    gw = GatewayProcesses(
+        tmp_path / "gw",
+        commands=("listener",),
+        env={"CXR_BROKER_URL": redis_url, "CXR_RECONCILE_RUNNING_AFTER_SECONDS": "3600"},
+    ).start()
+    files = _one_study(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "in", 12)
+    try:
+        storescu("127.0.0.1", gw.listener_port, files, called_aet=gw.ae_title, check=True)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def _worker(gw: GatewayProcesses, name: str, shutdown_seconds: float) -> subprocess.Popen[bytes]:
+    log_path = gw.workdir / f"{name}.log"
+    gw.logs[name] = log_path
+    env = {**gw.env, "CXR_WORKER_SHUTDOWN_SECONDS": str(shutdown_seconds)}
+    with log_path.open("wb") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            env=env,
+            cwd=gw.workdir,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _job(gw: GatewayProcesses) -> tuple[str, int] | None:
+    sessions = make_session_factory(load_settings(data_dir=gw.data_dir))
+    with sessions() as s:
+        job = s.scalars(select(Job)).first()
+        return (job.status, job.attempts) if job is not None else None
+
+
+def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_worker_finishes_its_running_study_on_sigterm(long_study_gateway: GatewayProcesses) -> None:
+    gw = long_study_gateway
+    worker = _worker(gw, "worker", shutdown_seconds=300)
+    try:
+        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.RUNNING, 120, "the job never started")
+        worker.send_signal(signal.SIGTERM)  # the main process only, as Kubernetes does
+        rc = worker.wait(timeout=300)
+    except BaseException:
+        print(gw.log_tail(120))
+        raise
+    finally:
+        _stop_worker(worker)
+    assert _job(gw) == (JobStatus.DONE, 1), gw.log_tail(60)
+    assert rc == 0
+
+
+def test_a_worker_past_its_shutdown_time_hands_the_study_back(long_study_gateway: GatewayProcesses) -> None:
+    gw = long_study_gateway
+    first = _worker(gw, "worker-1", shutdown_seconds=0)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.RUNNING, 120, "the job never started")
+        t0 = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+        stopped_in = time.monotonic() - t0
+        assert _job(gw) == (JobStatus.RUNNING, 1), "the first worker should not have finished it"
+        second = _worker(gw, "worker-2", shutdown_seconds=60)
+        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.DONE, 180, "the handed-back task never ran")
+    except BaseException:
+        print(gw.log_tail(120))
+        raise
+    finally:
+        _stop_worker(first)
+        if second is not None:
+            _stop_worker(second)
+    assert _job(gw) == (JobStatus.DONE, 2)
+    assert stopped_in < 30
