@@ -186,6 +186,9 @@ def main() -> None:
         "CXR_RECONCILE_INTERVAL_SECONDS": "5",
         "CXR_RECONCILE_QUEUED_AFTER_SECONDS": "240",
         "CXR_RECONCILE_RUNNING_AFTER_SECONDS": "240",
+        # A killed worker's running jobs go back once its heartbeat is 15 s old, not at the 240 s deadline.
+        "CXR_WORKER_HEARTBEAT_SECONDS": "5",
+        "CXR_RECONCILE_WORKER_LOST_AFTER_SECONDS": "15",
         "CXR_SPOOL_MIN_FREE_BYTES": "0",
         "CXR_LOG_LEVEL": "WARNING",
         "CXR_WORKER_POOL": args.worker_pool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 
 from service.core import tasks as names
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             raise SystemExit(f"cxr-gateway worker: {exc}") from exc
     queues = ",".join(settings.worker_queues)
+    # A node name of its own per process: several workers on one host stay apart in heartbeats and pings.
+    node = [] if {"-n", "--hostname"} & {a.split("=", 1)[0] for a in args} else ["--hostname", _node_name()]
     app.worker_main(
         [
             "worker",
@@ -36,9 +40,14 @@ def main(argv: list[str] | None = None) -> None:
             settings.worker_pool,
             "--without-gossip",
             "--without-mingle",
+            *node,
             *args,
         ]
     )
+
+
+def _node_name() -> str:
+    return f"cxr-{os.getpid()}@{socket.gethostname()}"
 
 
 if __name__ == "__main__":

@@ -2,23 +2,69 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
 from typing import Any
 
-from celery.signals import worker_shutdown, worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
+from service.core import tasks as names
 from service.core.db import make_session_factory
 from service.core.logging import setup_logging
 from service.core.queue import make_celery
 from service.core.settings import load_settings
+from service.core.workers import WorkerInfo
+from worker import __version__
+from worker.heartbeat import Heartbeat
 from worker.pipeline import Runtime
 
 settings = load_settings(os.environ.get("CXR_CONFIG") or None)
 setup_logging(settings.log_level)
 runtime = Runtime(settings=settings, sessions=make_session_factory(settings))
 app = make_celery(settings)
+
+
+_heartbeat: list[Heartbeat] = []
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """In the main process, once the pool is up: register this worker and keep its row fresh."""
+    controller = getattr(sender, "controller", None)
+    device = None
+    if names.INFERENCE_QUEUE in settings.worker_queues:
+        from worker.inference.predictor import resolve_device
+
+        device = str(resolve_device(settings.inference_device))
+    info = WorkerInfo(
+        name=str(getattr(sender, "hostname", None) or f"{os.getpid()}@{os.uname().nodename}"),
+        pid=os.getpid(),
+        queues=tuple(settings.worker_queues),
+        pool=settings.worker_pool,
+        concurrency=int(getattr(controller, "concurrency", None) or settings.worker_concurrency),
+        device=device,
+        version=__version__,
+    )
+    heartbeat = Heartbeat(runtime.sessions, info, settings.worker_heartbeat_seconds)
+    heartbeat.start()
+    _heartbeat.append(heartbeat)
+    # A cold shutdown (hand-back) skips worker_shutdown but still exits normally.
+    atexit.register(_stop_heartbeat)
+
+
+def _stop_heartbeat(**_: Any) -> None:
+    # A clean stop: the reconciler must not treat this worker's running jobs as orphaned (a hand-back
+    # already returned their messages to the broker).
+    while _heartbeat:
+        _heartbeat.pop().stop()
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _fresh_connections_after_fork(**_: Any) -> None:
+    # A prefork child must not share the parent's pooled database connections (the heartbeat's).
+    runtime.sessions.kw["bind"].dispose(close=False)
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
@@ -38,6 +84,7 @@ def _hand_back_after_deadline(how: str = "", **_: Any) -> None:
 def _close_runtime(**_: Any) -> None:
     # After a warm shutdown's last task: stop the inference thread cleanly.
     runtime.close()
+    _stop_heartbeat()
 
 
 from worker import tasks  # noqa: E402  (registers the tasks on ``app``)

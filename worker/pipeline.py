@@ -189,8 +189,11 @@ def _write(ds: Dataset, path: Path) -> Path:
     return path
 
 
-def process_study(job_id: str, rt: Runtime) -> list[int]:
-    """Run one job; returns the ids of the delivery rows to send. Idempotent per job."""
+def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[int]:
+    """Run one job; returns the ids of the delivery rows to send. Idempotent per job.
+
+    ``worker``: the Celery node running it, whose heartbeat tells the reconciler if it dies mid-job.
+    """
     settings = rt.settings
     with rt.sessions.begin() as session:
         job = session.get(Job, job_id)
@@ -208,6 +211,7 @@ def process_study(job_id: str, rt: Runtime) -> list[int]:
             return list(pending)
         transition(session, job_id, JobStatus.RUNNING, reason_code=None)
         job.attempts += 1
+        job.worker = worker
         instances = session.scalars(
             select(Instance).where(Instance.study_id == job.study_id).order_by(Instance.id)
         ).all()

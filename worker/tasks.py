@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @app.task(name=names.PROCESS_STUDY, bind=True, max_retries=20, acks_late=True)
 def process_study_task(self: Task[Any, Any], job_id: str) -> None:
     try:
-        delivery_ids = process_study(job_id, runtime)
+        delivery_ids = process_study(job_id, runtime, worker=self.request.hostname)
     except TransientError as exc:
         raise self.retry(exc=exc, countdown=10 * (self.request.retries + 1)) from exc
     except Exception as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
 from service.core.settings import Settings
+from service.core.workers import WorkerState, list_workers
 
 log = logging.getLogger("cxr_gateway.admin")
 
@@ -43,12 +45,29 @@ class BundleOut(BaseModel):
     metrics: dict[str, Any] = {}
 
 
+# Workers silent for longer than this are history, not shown.
+WORKER_HISTORY = timedelta(days=1)
+
+
+class WorkerOut(BaseModel):
+    name: str
+    state: WorkerState
+    queues: list[str]
+    pool: str
+    concurrency: int
+    device: str | None
+    version: str
+    started_at: datetime
+    last_seen_at: datetime
+    running_jobs: int
+
+
 class HealthOut(BaseModel):
     database: bool
     broker: bool
     broker_kind: str
     queue_depth: dict[str, int | None]
-    workers: list[str] | None  # None: could not ask
+    workers: list[WorkerOut] | None  # from their heartbeats; None: the database could not be asked
     disk: DiskOut | None
     bundle: BundleOut | None
 
@@ -98,14 +117,16 @@ def queue_depth(celery: Celery, settings: Settings) -> dict[str, int | None]:
     return depth
 
 
-def workers_online(celery: Celery, timeout: float = 1.0) -> list[str] | None:
-    """Names of the Celery workers that answered a ping within ``timeout``; None if we could not ask."""
+def workers(settings: Settings, sessions: sessionmaker[Session]) -> list[WorkerOut] | None:
+    """Workers seen in the last day, from their heartbeat rows (alive first); None if the database is away."""
+    lost_after = timedelta(seconds=settings.reconcile_worker_lost_after_seconds)
     try:
-        replies = celery.control.inspect(timeout=timeout).ping() or {}
+        with sessions() as session:
+            views = list_workers(session, datetime.now(UTC), lost_after, WORKER_HISTORY)
     except Exception as exc:
-        log.warning("health: worker ping failed (%s)", type(exc).__name__)
+        log.warning("health: workers unavailable (%s)", type(exc).__name__)
         return None
-    return sorted(str(name) for name in replies)
+    return [WorkerOut(**{**vars(v), "queues": list(v.queues)}) for v in views]
 
 
 def disk(path: Path) -> DiskOut | None:
@@ -146,12 +167,13 @@ def _str(value: Any) -> str | None:
 
 def health(settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> HealthOut:
     broker = broker_ok(celery)
+    database = database_ok(sessions)
     return HealthOut(
-        database=database_ok(sessions),
+        database=database,
         broker=broker,
         broker_kind=broker_kind(settings),
         queue_depth=queue_depth(celery, settings) if broker else dict.fromkeys(QUEUES),
-        workers=workers_online(celery) if broker else None,
+        workers=workers(settings, sessions) if database else None,
         disk=disk(settings.data_dir),
         bundle=bundle_info(settings.model_bundle),
     )

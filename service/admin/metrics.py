@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +23,7 @@ from service.admin import health
 from service.core.models import Delivery, Job
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
+from service.core.workers import WorkerState, list_workers
 
 BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # Images in the forward pass that analysed a job: how well a batching (GPU) worker fills its passes.
@@ -123,7 +124,15 @@ class GatewayCollector(Collector):
                 buckets=self._batch.buckets(),
                 sum_value=self._batch.total,
             )
+            workers = GaugeMetricFamily(
+                "cxr_workers", "Workers by heartbeat state (seen in the last day)", labels=["state"]
+            )
+            lost_after = timedelta(seconds=self.settings.reconcile_worker_lost_after_seconds)
+            views = list_workers(session, datetime.now(UTC), lost_after, health.WORKER_HISTORY)
+            for wstate in WorkerState:
+                workers.add_metric([wstate.value], float(sum(v.state == wstate for v in views)))
         yield jobs
+        yield workers
         yield deliveries
         yield stages
         yield batches

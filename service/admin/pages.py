@@ -393,7 +393,10 @@ def peers_echo(
 
 @router.get("/health", response_class=HTMLResponse)
 def health_page(request: Request, ctx: Ctx, user: User) -> HTMLResponse:
-    return render(request, "health.html", {"h": health.health(ctx.settings, ctx.sessions, ctx.celery)})
+    h = health.health(ctx.settings, ctx.sessions, ctx.celery)
+    return render(
+        request, "health.html", {"h": h, "lost_after": ctx.settings.reconcile_worker_lost_after_seconds}
+    )
 
 
 @router.get("/audit", response_class=HTMLResponse)

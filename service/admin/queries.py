@@ -106,6 +106,7 @@ def _job_fields(job: Job) -> dict[str, Any]:
         "calling_ae_title": job.calling_ae_title,
         "bundle_version": job.bundle_version,
         "attempts": job.attempts,
+        "worker": job.worker,
         "created_at": job.created_at,
         "accession_masked": mask_accession(job.study.accession_number),
         "stages": stages,

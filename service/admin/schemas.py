@@ -50,6 +50,7 @@ class JobOut(BaseModel):
     calling_ae_title: str | None
     bundle_version: str | None
     attempts: int
+    worker: str | None = Field(description="the worker that ran (or runs) it last")
     created_at: datetime
     accession_masked: str | None = Field(description="last characters of the accession number only")
     stages: StageTimes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import CursorResult, update
+from sqlalchemy import ColumnElement, CursorResult, update
 from sqlalchemy.orm import Session
 
 from service.core.models import Job, JobEvent
@@ -29,8 +29,10 @@ def transition(
     reason_code: str | None = None,
     reason_detail: str | None = None,
     now: datetime | None = None,
+    only_if: ColumnElement[bool] | None = None,
 ) -> bool:
-    """Move a job to ``to`` if it is in one of ``expected`` (any state when None); True if it moved."""
+    """Move a job to ``to`` if it is in one of ``expected`` (any state when None) and matches ``only_if``;
+    True if it moved."""
     now = now or datetime.now(UTC)
     values: dict[str, object] = {"status": to, "reason_code": reason_code, "reason_detail": reason_detail}
     column = _TIMESTAMP_COLUMN.get(to)
@@ -39,6 +41,8 @@ def transition(
     stmt = update(Job).where(Job.id == job_id)
     if expected is not None:
         stmt = stmt.where(Job.status.in_([str(s) for s in expected]))
+    if only_if is not None:
+        stmt = stmt.where(only_if)
     result: CursorResult[object] = session.execute(stmt.values(**values))  # type: ignore[assignment]
     moved = result.rowcount > 0
     if moved:

@@ -99,6 +99,9 @@ class Job(Base):
     bundle_version: Mapped[str | None] = mapped_column(String(64))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The Celery node that claimed the job last (a ``workers`` row): a lapsed heartbeat there means the
+    # job's worker died, and the reconciler need not wait for the running deadline.
+    worker: Mapped[str | None] = mapped_column(String(255), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None]
@@ -165,6 +168,27 @@ class DeliveryAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     delivery: Mapped[Delivery] = relationship(back_populates="history")
+
+
+class Worker(Base):
+    """A worker process as it reports itself: what it serves, and its heartbeat.
+
+    Written by the worker's main process every ``worker_heartbeat_seconds``; ``stopped_at`` is set on a
+    clean shutdown. A row without a recent heartbeat and without ``stopped_at`` is a worker that died.
+    """
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # the Celery node name
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str] = mapped_column(String(255))  # comma-separated
+    pool: Mapped[str] = mapped_column(String(16))
+    concurrency: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String(32))  # None for delivery-only workers
+    version: Mapped[str] = mapped_column(String(32))  # cxr-gateway's own version
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None]
 
 
 class InstanceConflict(Base):

@@ -2,7 +2,9 @@
 
 A job stays 'queued' too long when its message vanished (a broker restarted without persistence, a
 purge); it stays 'running' too long when its worker died in a way the broker did not notice. Either way
-the reconciler puts it back on the queue. Tasks are idempotent, so a false alarm costs a re-run only.
+the reconciler puts it back on the queue. A running job whose worker's heartbeat stopped (kill -9, a
+lost machine) goes back at once, without waiting for the running deadline. Tasks are idempotent, so a
+false alarm costs a re-run only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
@@ -21,10 +23,12 @@ from service.core.models import Delivery, Job, JobEvent
 from service.core.queue import enqueue
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
+from service.core.workers import lost_worker_names
 
 log = logging.getLogger(__name__)
 
 REQUEUED = "requeued_by_reconciler"
+WORKER_LOST = "worker_lost"
 DELIVERIES_REQUEUED = "deliveries_requeued"
 
 
@@ -34,29 +38,39 @@ def reconcile(
     *,
     queued_deadline: timedelta,
     running_deadline: timedelta,
+    worker_lost_after: timedelta | None = None,
     now: datetime | None = None,
 ) -> list[str]:
-    """Re-enqueue stuck jobs; returns their ids."""
+    """Re-enqueue stuck jobs and the running jobs of dead workers; returns their ids."""
     now = now or datetime.now(UTC)
+    stuck_where = or_(
+        (Job.status == JobStatus.QUEUED) & (Job.queued_at < now - queued_deadline),
+        (Job.status == JobStatus.RUNNING) & (Job.started_at < now - running_deadline),
+    )
     with sessions() as session:
-        stuck = session.scalars(
-            select(Job.id).where(
-                or_(
-                    (Job.status == JobStatus.QUEUED) & (Job.queued_at < now - queued_deadline),
-                    (Job.status == JobStatus.RUNNING) & (Job.started_at < now - running_deadline),
+        found: dict[str, tuple[str, ColumnElement[bool] | None]] = {
+            job_id: (REQUEUED, None) for job_id in session.scalars(select(Job.id).where(stuck_where))
+        }
+        if worker_lost_after is not None:
+            orphaned = session.execute(
+                select(Job.id, Job.worker).where(
+                    Job.status == JobStatus.RUNNING,
+                    Job.worker.in_(lost_worker_names(now, worker_lost_after)),
                 )
-            )
-        ).all()
+            ).all()
+            # Only while the dead worker still holds it: another worker may have claimed it meanwhile.
+            found.update({job_id: (WORKER_LOST, Job.worker == worker) for job_id, worker in orphaned})
     requeued: list[str] = []
-    for job_id in stuck:
+    for job_id, (reason, only_if) in found.items():
         with sessions.begin() as session:
             moved = transition(
                 session,
                 job_id,
                 JobStatus.QUEUED,
                 expected=[JobStatus.QUEUED, JobStatus.RUNNING],
-                reason_code=REQUEUED,
+                reason_code=reason,
                 now=now,
+                only_if=only_if,
             )
         if not moved:
             continue
@@ -65,7 +79,7 @@ def reconcile(
         except Exception:
             log.exception("reconciler could not reach the broker for job=%s", job_id)
             continue
-        log.warning("job=%s was stuck; re-enqueued", job_id)
+        log.warning("job=%s re-enqueued reason=%s", job_id, reason)
         requeued.append(job_id)
     requeued.extend(_undelivered(sessions, celery, queued_deadline, now))
     return requeued
@@ -117,6 +131,7 @@ class Reconciler:
         self._celery = celery
         self._queued = timedelta(seconds=settings.reconcile_queued_after_seconds)
         self._running = timedelta(seconds=settings.reconcile_running_after_seconds)
+        self._worker_lost = timedelta(seconds=settings.reconcile_worker_lost_after_seconds)
         self._interval = settings.reconcile_interval_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,6 +153,7 @@ class Reconciler:
                     self._celery,
                     queued_deadline=self._queued,
                     running_deadline=self._running,
+                    worker_lost_after=self._worker_lost,
                 )
             except Exception:
                 log.exception("reconciler pass failed")

@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)
     reconcile_queued_after_seconds: float = Field(default=900.0, gt=0)
     reconcile_running_after_seconds: float = Field(default=1800.0, gt=0)
+    # Workers write a heartbeat row this often; a running job whose worker has been silent for
+    # reconcile_worker_lost_after_seconds (and did not stop cleanly) is re-enqueued at once, without
+    # waiting for reconcile_running_after_seconds.
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    reconcile_worker_lost_after_seconds: float = Field(default=60.0, gt=0)
     # Which queues `cxr-gateway worker` consumes: GPU/CPU inference workers and light delivery workers
     # can be separated ("inference", "delivery").
     worker_queues: list[str] = Field(default_factory=lambda: ["inference", "delivery"])
@@ -178,13 +183,18 @@ class Settings(BaseSettings):
     decode_timeout_seconds: float = Field(default=30.0, ge=0, description="per-image pixel decode limit")
 
     @model_validator(mode="after")
-    def _check_tls(self) -> Settings:
+    def _check_consistency(self) -> Settings:
         if self.listener_tls_port is not None and not (self.tls_certificate and self.tls_private_key):
             raise ValueError("listener_tls_port needs tls_certificate and tls_private_key")
         if self.tls_require_client_cert and self.tls_ca_certificates is None:
             raise ValueError("tls_require_client_cert needs tls_ca_certificates to verify clients")
         if not self.listener_plaintext and self.listener_tls_port is None:
             raise ValueError("listener_plaintext=false needs listener_tls_port")
+        if self.reconcile_worker_lost_after_seconds < 2 * self.worker_heartbeat_seconds:
+            # One late heartbeat (a busy database, a GC pause) must not re-run a healthy worker's jobs.
+            raise ValueError(
+                "reconcile_worker_lost_after_seconds must be at least 2 × worker_heartbeat_seconds"
+            )
         return self
 
     @classmethod

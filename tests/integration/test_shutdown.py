@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from service.core.db import make_session_factory
-from service.core.models import Instance, Job
+from service.core.models import Instance, Job, Worker
 from service.core.settings import load_settings
 from service.core.status import JobStatus
 from tests.support.dcmtk import echoscu, storescu, storescu_process
@@ -90,7 +90,15 @@ def long_study_gateway(tmp_path: Path, shared_dir: Path, redis_url: str) -> Iter
     gw = GatewayProcesses(
         tmp_path / "gw",
         commands=("listener",),
-        env={"CXR_BROKER_URL": redis_url, "CXR_RECONCILE_RUNNING_AFTER_SECONDS": "3600"},
+        env={
+            "CXR_BROKER_URL": redis_url,
+            "CXR_RECONCILE_RUNNING_AFTER_SECONDS": "3600",
+            # Heartbeats every second, a worker silent for 3 s is dead: a cold or warm stop must be
+            # recorded as a stop, or the reconciler would run the handed-back study a second time.
+            "CXR_WORKER_HEARTBEAT_SECONDS": "1",
+            "CXR_RECONCILE_WORKER_LOST_AFTER_SECONDS": "3",
+            "CXR_RECONCILE_INTERVAL_SECONDS": "1",
+        },
     ).start()
     files = _one_study(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "in", 12)
     try:
@@ -122,6 +130,18 @@ def _job(gw: GatewayProcesses) -> tuple[str, int] | None:
         return (job.status, job.attempts) if job is not None else None
 
 
+def _workers(gw: GatewayProcesses) -> dict[str, Worker]:
+    sessions = make_session_factory(load_settings(data_dir=gw.data_dir))
+    with sessions() as s:
+        return {w.name: w for w in s.scalars(select(Worker))}
+
+
+def _job_worker(gw: GatewayProcesses) -> str | None:
+    sessions = make_session_factory(load_settings(data_dir=gw.data_dir))
+    with sessions() as s:
+        return s.scalars(select(Job.worker)).first()
+
+
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -142,6 +162,10 @@ def test_a_worker_finishes_its_running_study_on_sigterm(long_study_gateway: Gate
         _stop_worker(worker)
     assert _job(gw) == (JobStatus.DONE, 1), gw.log_tail(60)
     assert rc == 0
+    # It ran under its own node name, and said goodbye on the way out.
+    (name, row), *others = _workers(gw).items()
+    assert not others and name == _job_worker(gw) and name.startswith(f"cxr-{worker.pid}@")
+    assert row.stopped_at is not None and row.pool == "prefork" and row.device == "cpu"
 
 
 def test_a_worker_past_its_shutdown_time_hands_the_study_back(long_study_gateway: GatewayProcesses) -> None:
@@ -166,3 +190,39 @@ def test_a_worker_past_its_shutdown_time_hands_the_study_back(long_study_gateway
             _stop_worker(second)
     assert _job(gw) == (JobStatus.DONE, 2)
     assert stopped_in < 30
+    # The cold stop was recorded (so the reconciler left the study to the broker's hand-back).
+    workers = _workers(gw)
+    assert workers[f"cxr-{first.pid}@{socket.gethostname()}"].stopped_at is not None
+    assert _job_worker(gw) == f"cxr-{second.pid}@{socket.gethostname()}"  # type: ignore[union-attr]
+    assert "worker_lost" not in gw.log_text()
+
+
+def test_the_study_of_a_killed_worker_is_requeued_once_its_heartbeat_stops(
+    long_study_gateway: GatewayProcesses,
+) -> None:
+    """kill -9 leaves the task unacknowledged in Redis for its visibility timeout (hours); the heartbeat
+    tells the listener's reconciler within seconds, long before its running deadline (1 h here)."""
+    gw = long_study_gateway
+    first = _worker(gw, "worker-1", shutdown_seconds=60)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.RUNNING, 120, "the job never started")
+        os.killpg(first.pid, signal.SIGKILL)  # the whole worker, pool children included: a lost machine
+        first.wait()
+        killed_at = time.monotonic()
+        second = _worker(gw, "worker-2", shutdown_seconds=60)
+        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.DONE, 180, "the orphaned study never ran again")
+        recovered_in = time.monotonic() - killed_at
+    except BaseException:
+        print(gw.log_tail(120))
+        raise
+    finally:
+        _stop_worker(first)
+        if second is not None:
+            _stop_worker(second)
+    assert _job(gw) == (JobStatus.DONE, 2)
+    assert _job_worker(gw) == f"cxr-{second.pid}@{socket.gethostname()}"
+    assert "reason=worker_lost" in gw.log_text()
+    dead = _workers(gw)[f"cxr-{first.pid}@{socket.gethostname()}"]
+    assert dead.stopped_at is None
+    assert recovered_in < 120, f"took {recovered_in:.0f} s"

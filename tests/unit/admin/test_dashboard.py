@@ -314,9 +314,40 @@ def test_health_page_and_api(admin: TestClient, settings: Settings) -> None:
     assert h["queue_depth"] == {"inference": 0, "delivery": 0}
     assert h["disk"]["free_bytes"] > 0
     assert h["bundle"]["name"] == "cxr14_densenet121" and len(h["bundle"]["labels"]) == 14
-    assert isinstance(h["workers"], list)  # none running here; the ping answered empty
+    assert h["workers"] == []  # none has reported yet
     html = admin.get("/health").text
-    assert "cxr14_densenet121" in html and "Queue depth" in html
+    assert "cxr14_densenet121" in html and "Queue depth" in html and "No worker has reported" in html
+
+
+def test_health_shows_workers_from_their_heartbeats(
+    admin: TestClient, sessions: sessionmaker[Session], done_job: str
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from service.core.models import Job, Worker
+
+    now = datetime.now(UTC)
+    common = {"pid": 7, "pool": "threads", "concurrency": 16, "version": "0.1.0"}
+    with sessions.begin() as s:
+        s.add(Worker(name="cxr-7@gpu-<1>", queues="inference", device="cuda:0", last_seen_at=now, **common))
+        s.add(
+            Worker(
+                name="cxr-8@gpu-2",
+                queues="inference,delivery",
+                device="cpu",
+                last_seen_at=now - timedelta(minutes=10),
+                **common,
+            )
+        )
+        s.get(Job, done_job).worker = "cxr-7@gpu-<1>"  # type: ignore[union-attr]
+    workers = {w["name"]: w for w in admin.get("/api/health").json()["workers"]}
+    assert workers["cxr-7@gpu-<1>"]["state"] == "alive" and workers["cxr-8@gpu-2"]["state"] == "lost"
+    assert workers["cxr-8@gpu-2"]["queues"] == ["inference", "delivery"]
+    html = admin.get("/health").text
+    assert "cxr-7@gpu-&lt;1&gt;" in html and "cxr-7@gpu-<1>" not in html  # escaped
+    assert "1 lost (no heartbeat)" in html and "threads × 16" in html and "cuda:0" in html
+    metrics = admin.get("/metrics").text
+    assert 'cxr_workers{state="alive"} 1.0' in metrics and 'cxr_workers{state="lost"} 1.0' in metrics
 
 
 def test_metrics(admin: TestClient, sessions: sessionmaker[Session], done_job: str) -> None:

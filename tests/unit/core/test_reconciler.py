@@ -77,3 +77,80 @@ def test_finished_jobs_with_pending_deliveries_are_resent_once_per_deadline(tmp_
     with sessions() as s:
         reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == "e" * 32)).all()
         assert reasons == [DELIVERIES_REQUEUED, DELIVERIES_REQUEUED]
+
+
+def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(tmp_path: Path) -> None:
+    from service.core.models import Worker
+    from service.core.reconciler import WORKER_LOST
+
+    settings = load_settings(data_dir=tmp_path)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    celery = make_celery(settings)
+    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    started = now - timedelta(minutes=3)  # far below the 30 min running deadline
+    common = {"pid": 1, "queues": "inference", "pool": "prefork", "concurrency": 1, "version": "0"}
+    with sessions.begin() as s:
+        s.add(Worker(name="dead@h", last_seen_at=now - timedelta(minutes=2), **common))
+        s.add(Worker(name="alive@h", last_seen_at=now - timedelta(seconds=5), **common))
+        # Stopped cleanly: a hand-back already returned its task to the broker.
+        s.add(Worker(name="stopped@h", last_seen_at=now - timedelta(minutes=2), stopped_at=now, **common))
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        for job_id, worker in [("1", "dead@h"), ("2", "alive@h"), ("3", "stopped@h"), ("4", None)]:
+            s.add(
+                Job(
+                    id=job_id * 32,
+                    study_id=study.id,
+                    status=JobStatus.RUNNING,
+                    started_at=started,
+                    worker=worker,
+                )
+            )
+        # Already finished by the dead worker before it died: nothing to do.
+        s.add(Job(id="5" * 32, study_id=study.id, status=JobStatus.DONE, started_at=started, worker="dead@h"))
+    kwargs = {"queued_deadline": timedelta(minutes=15), "running_deadline": timedelta(minutes=30)}
+    # Without the heartbeat rule, nothing is old enough yet.
+    assert reconcile(sessions, celery, now=now, **kwargs) == []
+    assert reconcile(sessions, celery, now=now, worker_lost_after=timedelta(seconds=60), **kwargs) == [
+        "1" * 32
+    ]
+    with sessions() as s:
+        assert s.get(Job, "1" * 32).status == JobStatus.QUEUED  # type: ignore[union-attr]
+        reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == "1" * 32)).all()
+        assert reasons == [WORKER_LOST]
+        assert s.get(Job, "2" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]
+    # Once it is queued again, the dead worker's name no longer matters.
+    assert reconcile(sessions, celery, now=now, worker_lost_after=timedelta(seconds=60), **kwargs) == []
+
+
+def test_a_job_claimed_by_another_worker_meanwhile_is_left_alone(tmp_path: Path) -> None:
+    from service.core.jobs import transition
+    from service.core.models import Worker
+
+    settings = load_settings(data_dir=tmp_path)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    with sessions.begin() as s:
+        s.add(
+            Worker(
+                name="dead@h",
+                pid=1,
+                queues="inference",
+                pool="prefork",
+                concurrency=1,
+                version="0",
+                last_seen_at=now - timedelta(minutes=5),
+            )
+        )
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        s.add(Job(id="1" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=now, worker="other@h"))
+    with sessions.begin() as s:
+        moved = transition(
+            s, "1" * 32, JobStatus.QUEUED, expected=[JobStatus.RUNNING], only_if=Job.worker == "dead@h"
+        )
+    assert not moved
