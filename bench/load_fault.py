@@ -309,9 +309,12 @@ def main() -> None:
             "select j.received_at, max(d.delivered_at) from jobs j join deliveries d on d.job_id = j.id "
             "where d.status='delivered' group by j.id"
         ).fetchall()
-        requeued = c.execute(
-            "select count(*) from job_events where reason_code='requeued_by_reconciler'"
-        ).fetchone()[0]
+        requeued = dict(
+            c.execute(
+                "select reason_code, count(*) from job_events "
+                "where reason_code in ('requeued_by_reconciler', 'worker_lost') group by reason_code"
+            ).fetchall()
+        )
     instances = orthanc.rest_get("/instances", expand="true") if orthanc.running else []
     per_study = Counter[str]()
     sop_seen = Counter[str]()
@@ -337,7 +340,7 @@ def main() -> None:
     )
     print(f"send failures after retries: {len(failures)}")
     print(f"studies in DB {studies}; jobs by status {status}; studies without a finished job: {unfinished}")
-    print(f"deliveries by status {deliveries}; jobs re-enqueued by the reconciler: {requeued}")
+    print(f"deliveries by status {deliveries}; jobs re-enqueued by the reconciler, by reason: {requeued}")
     print(
         f"Orthanc: {len(instances)} instances; studies with exactly SR+SC: {complete}/{args.studies}; "
         f"duplicate SOP instances: {sum(n - 1 for n in sop_seen.values() if n > 1)}"
