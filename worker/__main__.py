@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             raise SystemExit(f"cxr-gateway worker: {exc}") from exc
     queues = ",".join(settings.worker_queues)
-    # A node name of its own per process: several workers on one host stay apart in heartbeats and pings.
+    # A node name of its own per process and start: several workers on one host stay apart in heartbeats
+    # and pings, and a container restarted with the same pid is not mistaken for its dead predecessor.
     node = [] if {"-n", "--hostname"} & {a.split("=", 1)[0] for a in args} else ["--hostname", _node_name()]
     app.worker_main(
         [
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _node_name() -> str:
-    return f"cxr-{os.getpid()}@{socket.gethostname()}"
+    return f"cxr-{os.getpid()}-{secrets.token_hex(3)}@{socket.gethostname()}"
 
 
 if __name__ == "__main__":

@@ -23,13 +23,15 @@ from service.core.models import Delivery, Job, JobEvent
 from service.core.queue import enqueue
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
-from service.core.workers import lost_worker_names
+from service.core.workers import lost_worker_names, prune
 
 log = logging.getLogger(__name__)
 
 REQUEUED = "requeued_by_reconciler"
 WORKER_LOST = "worker_lost"
 DELIVERIES_REQUEUED = "deliveries_requeued"
+# Worker rows (one per worker start) are history after this long.
+WORKER_ROWS_KEPT = timedelta(days=7)
 
 
 def reconcile(
@@ -82,6 +84,8 @@ def reconcile(
         log.warning("job=%s re-enqueued reason=%s", job_id, reason)
         requeued.append(job_id)
     requeued.extend(_undelivered(sessions, celery, queued_deadline, now))
+    with sessions.begin() as session:
+        prune(session, now - WORKER_ROWS_KEPT)
     return requeued
 
 

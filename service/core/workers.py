@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import CursorResult, Select, func, select, update
+from sqlalchemy import CursorResult, Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.core.models import Job, Worker
@@ -63,6 +63,12 @@ def beat(session: Session, name: str, now: datetime) -> bool:
 
 def mark_stopped(session: Session, name: str, now: datetime) -> None:
     session.execute(update(Worker).where(Worker.name == name).values(last_seen_at=now, stopped_at=now))
+
+
+def prune(session: Session, before: datetime) -> int:
+    """Forget workers last seen before ``before`` (every restart adds a row); returns how many."""
+    result: CursorResult[object] = session.execute(delete(Worker).where(Worker.last_seen_at < before))  # type: ignore[assignment]
+    return result.rowcount
 
 
 def state(row: Worker, now: datetime, lost_after: timedelta) -> WorkerState:

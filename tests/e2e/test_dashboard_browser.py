@@ -151,6 +151,9 @@ def test_dashboard_in_a_browser(
     page.wait_for_selector("text=C-ECHO succeeded")
     shots.take(page, "peers", full_page=False)
     page.goto(url + "/health")
+    # The real worker that analysed the studies reports through its heartbeat.
+    assert page.locator("#workers .pill.w-alive").count() == 1
+    assert page.inner_text("#workers tbody td.mono").startswith("cxr-")
     shots.take(page, "health", full_page=False)
     page.goto(url + "/audit")
     assert page.locator("text=requeue").count() >= 1 and page.locator("text=upload").count() >= 1

@@ -95,6 +95,7 @@ def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(
         s.add(Worker(name="alive@h", last_seen_at=now - timedelta(seconds=5), **common))
         # Stopped cleanly: a hand-back already returned its task to the broker.
         s.add(Worker(name="stopped@h", last_seen_at=now - timedelta(minutes=2), stopped_at=now, **common))
+        s.add(Worker(name="history@h", last_seen_at=now - timedelta(days=8), **common))  # pruned
         study = Study(study_instance_uid="1.2.3")
         s.add(study)
         s.flush()
@@ -121,6 +122,7 @@ def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(
         reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == "1" * 32)).all()
         assert reasons == [WORKER_LOST]
         assert s.get(Job, "2" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]
+        assert sorted(s.scalars(select(Worker.name))) == ["alive@h", "dead@h", "stopped@h"]
     # Once it is queued again, the dead worker's name no longer matters.
     assert reconcile(sessions, celery, now=now, worker_lost_after=timedelta(seconds=60), **kwargs) == []
 
