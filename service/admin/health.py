@@ -18,15 +18,11 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core import tasks
+from service.core.queue import QUEUES, broker_kind, queue_depth
 from service.core.settings import Settings
 from service.core.workers import WorkerState, list_workers
 
 log = logging.getLogger("cxr_gateway.admin")
-
-# kombu's Redis transport keeps each priority level in its own list: "<queue>\x06\x16<priority>".
-_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-QUEUES = (tasks.INFERENCE_QUEUE, tasks.DELIVERY_QUEUE)
 
 
 class DiskOut(BaseModel):
@@ -72,10 +68,6 @@ class HealthOut(BaseModel):
     bundle: BundleOut | None
 
 
-def broker_kind(settings: Settings) -> str:
-    return settings.effective_broker_url.split("://", 1)[0] or "unknown"
-
-
 def database_ok(sessions: sessionmaker[Session]) -> bool:
     try:
         with sessions() as session:
@@ -94,27 +86,6 @@ def broker_ok(celery: Celery, timeout: float = 2.0) -> bool:
     except Exception as exc:
         log.warning("health: broker unreachable (%s)", type(exc).__name__)
         return False
-
-
-def queue_depth(celery: Celery, settings: Settings) -> dict[str, int | None]:
-    """Messages waiting per queue: files for the filesystem broker, LLEN for Redis; None if unknown."""
-    kind = broker_kind(settings)
-    depth: dict[str, int | None] = dict.fromkeys(QUEUES)
-    try:
-        if kind == "filesystem":
-            folder = settings.broker_dir / "messages"
-            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-            for queue in QUEUES:
-                depth[queue] = sum(1 for n in names if n.endswith(f".{queue}.msg"))
-        elif kind in {"redis", "rediss"}:
-            with celery.connection_for_read() as conn:
-                conn.ensure_connection(max_retries=1, timeout=2.0)
-                client = conn.default_channel.client
-                for queue in QUEUES:
-                    depth[queue] = sum(int(client.llen(queue + s)) for s in _REDIS_PRIORITY_SUFFIXES)
-    except Exception as exc:
-        log.warning("health: queue depth unavailable (%s)", type(exc).__name__)
-    return depth
 
 
 def workers(settings: Settings, sessions: sessionmaker[Session]) -> list[WorkerOut] | None:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.admin import health
 from service.core.models import Delivery, Job
+from service.core.queue import queue_depth
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 from service.core.workers import WorkerState, list_workers
@@ -137,7 +138,7 @@ class GatewayCollector(Collector):
         yield stages
         yield batches
         depth = GaugeMetricFamily("cxr_queue_depth", "Messages waiting in the broker", labels=["queue"])
-        for queue, n in health.queue_depth(self.celery, self.settings).items():
+        for queue, n in queue_depth(self.celery, self.settings).items():
             if n is not None:
                 depth.add_metric([queue], float(n))
         yield depth

@@ -105,7 +105,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None]
-    started_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None] = mapped_column(index=True)  # the reconciler's queue frontier
     finished_at: Mapped[datetime | None]
 
     study: Mapped[Study] = relationship(back_populates="jobs")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
 
 from service.core import tasks
 from service.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# kombu's Redis transport keeps each priority level in its own list: "<queue>\x06\x16<priority>".
+_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+QUEUES = (tasks.INFERENCE_QUEUE, tasks.DELIVERY_QUEUE)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -56,3 +63,28 @@ def enqueue(app: Celery, task_name: str, *args: Any, countdown: float | None = N
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )
+
+
+def broker_kind(settings: Settings) -> str:
+    return settings.effective_broker_url.split("://", 1)[0] or "unknown"
+
+
+def queue_depth(celery: Celery, settings: Settings) -> dict[str, int | None]:
+    """Messages waiting per queue: files for the filesystem broker, LLEN for Redis; None if unknown."""
+    kind = broker_kind(settings)
+    depth: dict[str, int | None] = dict.fromkeys(QUEUES)
+    try:
+        if kind == "filesystem":
+            folder = settings.broker_dir / "messages"
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            for queue in QUEUES:
+                depth[queue] = sum(1 for n in names if n.endswith(f".{queue}.msg"))
+        elif kind in {"redis", "rediss"}:
+            with celery.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2.0)
+                client = conn.default_channel.client
+                for queue in QUEUES:
+                    depth[queue] = sum(int(client.llen(queue + s)) for s in _REDIS_PRIORITY_SUFFIXES)
+    except Exception as exc:
+        log.warning("queue depth unavailable (%s)", type(exc).__name__)
+    return depth

@@ -2,9 +2,10 @@
 
 A job stays 'queued' too long when its message vanished (a broker restarted without persistence, a
 purge); it stays 'running' too long when its worker died in a way the broker did not notice. Either way
-the reconciler puts it back on the queue. A running job whose worker's heartbeat stopped (kill -9, a
-lost machine) goes back at once, without waiting for the running deadline. Tasks are idempotent, so a
-false alarm costs a re-run only.
+the reconciler puts it back on the queue. A long backlog is not a loss: a queued job past its deadline
+counts as lost only when its message cannot still be in line (see :func:`reconcile`). A running job
+whose worker's heartbeat stopped (kill -9, a lost machine) goes back at once, without waiting for the
+running deadline. Tasks are idempotent, so a false alarm costs a re-run only.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
 from service.core.jobs import transition
 from service.core.models import Delivery, Job, JobEvent
-from service.core.queue import enqueue
+from service.core.queue import enqueue, queue_depth
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 from service.core.workers import lost_worker_names, prune
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 REQUEUED = "requeued_by_reconciler"
 WORKER_LOST = "worker_lost"
 DELIVERIES_REQUEUED = "deliveries_requeued"
+# Listener replicas stamp and send a job's message at slightly different moments.
+FIFO_SLACK = timedelta(seconds=30)
 # Worker rows (one per worker start) are history after this long.
 WORKER_ROWS_KEPT = timedelta(days=7)
 
@@ -41,17 +44,40 @@ def reconcile(
     queued_deadline: timedelta,
     running_deadline: timedelta,
     worker_lost_after: timedelta | None = None,
+    waiting: int | None = None,
     now: datetime | None = None,
 ) -> list[str]:
-    """Re-enqueue stuck jobs and the running jobs of dead workers; returns their ids."""
+    """Re-enqueue stuck jobs and the running jobs of dead workers; returns their ids.
+
+    ``waiting``: messages in the broker's inference queue (None: unknown). The queue is first in, first
+    out, so while messages wait, a job queued past its deadline is only lost when a job queued after it
+    (by more than ``FIFO_SLACK``) has already started; otherwise it is still in line behind a backlog,
+    and a second message would only double the backlog.
+    """
     now = now or datetime.now(UTC)
-    stuck_where = or_(
-        (Job.status == JobStatus.QUEUED) & (Job.queued_at < now - queued_deadline),
-        (Job.status == JobStatus.RUNNING) & (Job.started_at < now - running_deadline),
-    )
     with sessions() as session:
+        queued = session.execute(
+            select(Job.id, Job.queued_at).where(
+                Job.status == JobStatus.QUEUED, Job.queued_at < now - queued_deadline
+            )
+        ).all()
+        lost = [job_id for job_id, _ in queued]
+        if waiting:
+            # The newest queueing that a worker has already taken (recent starts only: an indexed range).
+            frontier = session.scalar(
+                select(func.max(Job.queued_at)).where(
+                    Job.started_at >= now - queued_deadline, Job.started_at >= Job.queued_at
+                )
+            )
+            lost = [job_id for job_id, at in queued if frontier and at and at < frontier - FIFO_SLACK]
+            if len(lost) < len(queued):
+                in_line = len(queued) - len(lost)
+                log.info("reconciler: %d queued jobs still in line (%d waiting)", in_line, waiting)
+        running = session.scalars(
+            select(Job.id).where(Job.status == JobStatus.RUNNING, Job.started_at < now - running_deadline)
+        ).all()
         found: dict[str, tuple[str, ColumnElement[bool] | None]] = {
-            job_id: (REQUEUED, None) for job_id in session.scalars(select(Job.id).where(stuck_where))
+            job_id: (REQUEUED, None) for job_id in [*lost, *running]
         }
         if worker_lost_after is not None:
             orphaned = session.execute(
@@ -131,6 +157,7 @@ class Reconciler:
     """Runs :func:`reconcile` periodically in a daemon thread."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
+        self._settings = settings
         self._sessions = sessions
         self._celery = celery
         self._queued = timedelta(seconds=settings.reconcile_queued_after_seconds)
@@ -158,6 +185,7 @@ class Reconciler:
                     queued_deadline=self._queued,
                     running_deadline=self._running,
                     worker_lost_after=self._worker_lost,
+                    waiting=queue_depth(self._celery, self._settings)[tasks.INFERENCE_QUEUE],
                 )
             except Exception:
                 log.exception("reconciler pass failed")

@@ -156,3 +156,37 @@ def test_a_job_claimed_by_another_worker_meanwhile_is_left_alone(tmp_path: Path)
             s, "1" * 32, JobStatus.QUEUED, expected=[JobStatus.RUNNING], only_if=Job.worker == "dead@h"
         )
     assert not moved
+
+
+def test_a_backlog_is_not_a_loss_but_a_job_the_queue_has_passed_is(tmp_path: Path) -> None:
+    """500 studies in a minute on a few workers: the last ones wait longer than the queued deadline, and
+    re-enqueuing them would only double the backlog. A job whose message the broker lost is different:
+    jobs queued after it have started (the queue is first in, first out)."""
+    settings = load_settings(data_dir=tmp_path)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    celery = make_celery(settings)
+    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    t = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        s.add_all(
+            [
+                # Queued 30 min ago, its message lost: a job queued 25 min ago already ran.
+                Job(id="1" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=t(30)),
+                Job(id="2" * 32, study_id=study.id, status=JobStatus.DONE, queued_at=t(25), started_at=t(5)),
+                # Queued 20 min ago, after everything that has started: still in line.
+                Job(id="3" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=t(20)),
+                # Requeued (queued again after it started): says nothing about the queue's progress.
+                Job(
+                    id="4" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=t(19), started_at=t(40)
+                ),
+            ]
+        )
+    kwargs = {"queued_deadline": timedelta(minutes=15), "running_deadline": timedelta(minutes=30), "now": now}
+    # 40 messages still waiting: only the passed-over job is lost.
+    assert reconcile(sessions, celery, waiting=40, **kwargs) == ["1" * 32]
+    # Nothing waiting: whatever is still queued past the deadline has no message left.
+    assert sorted(reconcile(sessions, celery, waiting=0, **kwargs)) == ["3" * 32, "4" * 32]

@@ -1,4 +1,4 @@
-"""worker heartbeats: a workers table, and which worker claimed each job
+"""worker heartbeats: a workers table, which worker claimed each job, an index on jobs.started_at
 
 Revision ID: 0005
 Revises: 0004
@@ -34,10 +34,12 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("worker", sa.String(length=255), nullable=True))
         batch_op.create_index(batch_op.f("ix_jobs_worker"), ["worker"], unique=False)
+        batch_op.create_index(batch_op.f("ix_jobs_started_at"), ["started_at"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_jobs_started_at"))
         batch_op.drop_index(batch_op.f("ix_jobs_worker"))
         batch_op.drop_column("worker")
     with op.batch_alter_table("workers", schema=None) as batch_op:
