@@ -275,12 +275,11 @@ def main() -> None:
                 for proc in (listeners[0], workers[-1]):
                     threading.Thread(target=proc.restart_gracefully).start()
         all_sent = not any(t.is_alive() for t in threads)
-        if (
-            all_sent
-            and c.get("studies", 0) >= args.studies
-            and done_studies >= args.studies
-            and (c["delivered"] >= 2 * args.studies)
-        ):
+        finished = sum(c.get(s, 0) for s in ("done", "failed", "skipped"))
+        # Every study's job final and every done job's SR + SC delivered (a failed job ends the run too,
+        # and shows in the result, instead of holding it until the timeout).
+        studies_in = c.get("studies", 0)
+        if all_sent and min(studies_in, finished) >= args.studies and c["delivered"] >= 2 * done_studies:
             break
         time.sleep(2)
     elapsed = time.monotonic() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -183,10 +184,17 @@ def algorithm_info(bundle: Bundle) -> AlgorithmInfo:
 
 def _write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
+    # A temp name per writer: two runs of one job (a false alarm of the reconciler) write the same
+    # content, and each rename is atomic, but a shared temp file would be pulled from under the other.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     ds.save_as(tmp, enforce_file_format=True)
     tmp.replace(path)
     return path
+
+
+# The states a run may finish a job from: a job that is already done, failed, skipped or cancelled keeps
+# that outcome (another run of it got there first, or an admin cancelled it).
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[int]:
@@ -222,7 +230,14 @@ def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[i
         outputs, result, skipped_reason = _analyse(rows, study_uid, job_id, rt)
     except PermanentError as exc:
         with rt.sessions.begin() as session:
-            transition(session, job_id, JobStatus.FAILED, reason_code=exc.reason, reason_detail=exc.detail)
+            transition(
+                session,
+                job_id,
+                JobStatus.FAILED,
+                expected=UNFINISHED,
+                reason_code=exc.reason,
+                reason_detail=exc.detail,
+            )
         log.warning("job=%s failed reason=%s", job_id, exc.reason)
         return []
 
@@ -257,7 +272,8 @@ def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[i
                     continue
                 delivery_ids.append(delivery.id)
         final = JobStatus.SKIPPED if skipped_reason else JobStatus.DONE
-        transition(session, job_id, final, reason_code=skipped_reason)
+        # Never over a result another run of the same job has already recorded.
+        transition(session, job_id, final, expected=UNFINISHED, reason_code=skipped_reason)
     log.info("job=%s %s outputs=%d deliveries=%d", job_id, final, len(outputs), len(delivery_ids))
     return delivery_ids
 

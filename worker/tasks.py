@@ -13,7 +13,7 @@ from service.core.status import JobStatus, ReasonCode
 from worker.app import app, runtime
 from worker.delivery import deliver, give_up
 from worker.errors import TransientError
-from worker.pipeline import process_study
+from worker.pipeline import UNFINISHED, process_study
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
                 session,
                 job_id,
                 JobStatus.FAILED,
+                expected=UNFINISHED,
                 reason_code=ReasonCode.INTERNAL_ERROR,
                 reason_detail=type(exc).__name__,
             )

@@ -61,7 +61,7 @@ def reconcile(
                 Job.status == JobStatus.QUEUED, Job.queued_at < now - queued_deadline
             )
         ).all()
-        lost = [job_id for job_id, _ in queued]
+        lost = list(queued)
         if waiting:
             # The newest queueing that a worker has already taken (recent starts only: an indexed range).
             frontier = session.scalar(
@@ -69,33 +69,43 @@ def reconcile(
                     Job.started_at >= now - queued_deadline, Job.started_at >= Job.queued_at
                 )
             )
-            lost = [job_id for job_id, at in queued if frontier and at and at < frontier - FIFO_SLACK]
+            lost = [row for row in queued if frontier and row.queued_at < frontier - FIFO_SLACK]
             if len(lost) < len(queued):
                 in_line = len(queued) - len(lost)
                 log.info("reconciler: %d queued jobs still in line (%d waiting)", in_line, waiting)
-        running = session.scalars(
-            select(Job.id).where(Job.status == JobStatus.RUNNING, Job.started_at < now - running_deadline)
+        running = session.execute(
+            select(Job.id, Job.started_at).where(
+                Job.status == JobStatus.RUNNING, Job.started_at < now - running_deadline
+            )
         ).all()
-        found: dict[str, tuple[str, ColumnElement[bool] | None]] = {
-            job_id: (REQUEUED, None) for job_id in [*lost, *running]
-        }
+        # Each move is a compare-and-set on what was read here: listener replicas run reconcilers side
+        # by side, and only one of them may send the job's second message.
+        found: dict[str, tuple[str, JobStatus, ColumnElement[bool]]] = {}
+        for job_id, at in lost:
+            found[job_id] = (REQUEUED, JobStatus.QUEUED, Job.queued_at == at)
+        for job_id, started in running:
+            found[job_id] = (REQUEUED, JobStatus.RUNNING, Job.started_at == started)
         if worker_lost_after is not None:
             orphaned = session.execute(
-                select(Job.id, Job.worker).where(
+                select(Job.id, Job.worker, Job.started_at).where(
                     Job.status == JobStatus.RUNNING,
                     Job.worker.in_(lost_worker_names(now, worker_lost_after)),
                 )
             ).all()
-            # Only while the dead worker still holds it: another worker may have claimed it meanwhile.
-            found.update({job_id: (WORKER_LOST, Job.worker == worker) for job_id, worker in orphaned})
+            for job_id, worker, started in orphaned:
+                found[job_id] = (
+                    WORKER_LOST,
+                    JobStatus.RUNNING,
+                    (Job.worker == worker) & (Job.started_at == started),
+                )
     requeued: list[str] = []
-    for job_id, (reason, only_if) in found.items():
+    for job_id, (reason, status, only_if) in found.items():
         with sessions.begin() as session:
             moved = transition(
                 session,
                 job_id,
                 JobStatus.QUEUED,
-                expected=[JobStatus.QUEUED, JobStatus.RUNNING],
+                expected=[status],
                 reason_code=reason,
                 now=now,
                 only_if=only_if,

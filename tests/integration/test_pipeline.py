@@ -229,3 +229,71 @@ def test_the_decode_limit_holds_in_a_thread_pool_worker(runtime: Runtime, shared
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT
+
+
+def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_dir: Path) -> None:
+    """A second message for a running job (a reconciler's false alarm) runs it twice side by side: the
+    runs write the same files and the same rows, and the one that finishes last never overwrites the
+    first one's outcome with a failure."""
+    import threading
+
+    import worker.pipeline as pipeline
+
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    both_analysed = threading.Barrier(2, timeout=120)
+    real_analyse = pipeline._analyse
+
+    def in_step(*args: object, **kwargs: object) -> object:
+        out = real_analyse(*args, **kwargs)  # type: ignore[arg-type]
+        both_analysed.wait()  # both runs now write their outputs at the same moment
+        return out
+
+    results: list[object] = []
+
+    def run() -> None:
+        try:
+            results.append(process_study(job_id, runtime, worker=threading.current_thread().name))
+        except Exception as exc:  # the rows' unique constraint may refuse the slower run: that is fine
+            results.append(exc)
+
+    pipeline._analyse = in_step  # type: ignore[assignment]
+    try:
+        threads = [threading.Thread(target=run, name=f"w{i}") for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+    finally:
+        pipeline._analyse = real_analyse
+    assert len(results) == 2
+    assert not any(isinstance(r, FileNotFoundError) for r in results), results
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.DONE
+        assert len(s.scalars(select(Delivery)).all()) == 2
+        events = s.scalars(select(JobEvent.status).where(JobEvent.job_id == job_id)).all()
+        assert events.count(JobStatus.DONE) == 1 and JobStatus.FAILED not in events
+    out_dir = runtime.settings.output_dir / job_id
+    assert sorted(p.name for p in out_dir.iterdir()) == ["sc-1.dcm", "sr-1.dcm"]  # no temp files left
+
+
+def test_a_failure_never_overwrites_a_result_another_run_recorded(runtime: Runtime, shared_dir: Path) -> None:
+    import worker.pipeline as pipeline
+    from service.core.jobs import transition
+    from worker.errors import PermanentError
+
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    real_analyse = pipeline._analyse
+
+    def other_run_finishes_first(*args: object, **kwargs: object) -> object:
+        with runtime.sessions.begin() as s:
+            transition(s, job_id, JobStatus.DONE)
+        raise PermanentError(ReasonCode.INFERENCE_ERROR, "this run failed")
+
+    pipeline._analyse = other_run_finishes_first  # type: ignore[assignment]
+    try:
+        assert process_study(job_id, runtime) == []
+    finally:
+        pipeline._analyse = real_analyse
+    with runtime.sessions() as s:
+        assert s.get(Job, job_id).status == JobStatus.DONE  # type: ignore[union-attr]

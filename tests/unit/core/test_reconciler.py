@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from service.core.db import make_session_factory, migrate
@@ -190,3 +191,60 @@ def test_a_backlog_is_not_a_loss_but_a_job_the_queue_has_passed_is(tmp_path: Pat
     assert reconcile(sessions, celery, waiting=40, **kwargs) == ["1" * 32]
     # Nothing waiting: whatever is still queued past the deadline has no message left.
     assert sorted(reconcile(sessions, celery, waiting=0, **kwargs)) == ["3" * 32, "4" * 32]
+
+
+def test_two_listener_replicas_requeue_a_job_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both replicas read the same stuck jobs; the one that moves second must find nothing to move, or
+    the job gets two messages and runs twice at once."""
+    import service.core.reconciler as reconciler
+    from service.core.models import Worker
+
+    settings = load_settings(data_dir=tmp_path)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    celery = make_celery(settings)
+    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    old = now - timedelta(hours=2)
+    with sessions.begin() as s:
+        s.add(
+            Worker(
+                name="dead@h",
+                pid=1,
+                queues="inference",
+                pool="prefork",
+                concurrency=1,
+                version="0",
+                last_seen_at=now - timedelta(minutes=5),
+            )
+        )
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        s.add(Job(id="1" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=now, worker="dead@h"))
+        s.add(Job(id="2" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=old))
+        s.add(Job(id="3" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=old))
+    kwargs = {
+        "queued_deadline": timedelta(minutes=15),
+        "running_deadline": timedelta(minutes=30),
+        "worker_lost_after": timedelta(seconds=60),
+        "waiting": 0,
+    }
+    real_transition = reconciler.transition
+    other_replica_ran = False
+
+    def other_replica_first(*args: object, **kw: object) -> bool:
+        nonlocal other_replica_ran
+        if not other_replica_ran:  # the other replica moves everything between our read and our move
+            other_replica_ran = True
+            assert sorted(
+                reconciler.reconcile(sessions, celery, now=now + timedelta(seconds=1), **kwargs)
+            ) == [
+                "1" * 32,
+                "2" * 32,
+                "3" * 32,
+            ]
+        return real_transition(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconciler, "transition", other_replica_first)
+    assert reconcile(sessions, celery, now=now, **kwargs) == []
+    assert len(list((settings.broker_dir / "messages").glob("*.msg"))) == 3  # one message per job
