@@ -58,7 +58,9 @@ def _stop_heartbeat(**_: Any) -> None:
     # A clean stop: the reconciler must not treat this worker's running jobs as orphaned (a hand-back
     # already returned their messages to the broker).
     while _heartbeat:
-        _heartbeat.pop().stop()
+        heartbeat = _heartbeat.pop()
+        if heartbeat.info.pid == os.getpid():  # not in a pool child forked after the heartbeat began
+            heartbeat.stop()
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
