@@ -173,31 +173,50 @@ def test_a_worker_finishes_its_running_study_on_sigterm(long_study_gateway: Gate
     assert row.stopped_at is not None and row.pool == "prefork" and row.device == "cpu"
 
 
+def _two_workers_and_the_busy_one(
+    gw: GatewayProcesses, shutdown_seconds: float
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """Two workers up (the spare starts with the busy one, saving a model load); returns (busy, spare)
+    once the study runs on one of them."""
+    procs = [_worker(gw, f"worker-{i}", shutdown_seconds=shutdown_seconds) for i in (1, 2)]
+
+    def busy() -> subprocess.Popen[bytes] | None:
+        job, name = _job(gw), _job_worker(gw)
+        row = _workers(gw).get(name) if job and job[0] == JobStatus.RUNNING and name else None
+        return next((p for p in procs if row is not None and p.pid == row.pid), None)
+
+    try:
+        _wait(lambda: busy() is not None, 120, "the job never started")
+    except BaseException:
+        for proc in procs:
+            _stop_worker(proc)
+        raise
+    first = busy()
+    assert first is not None
+    return first, next(p for p in procs if p is not first)
+
+
 def test_a_worker_past_its_shutdown_time_hands_the_study_back(long_study_gateway: GatewayProcesses) -> None:
     gw = long_study_gateway
-    first = _worker(gw, "worker-1", shutdown_seconds=0)
-    second: subprocess.Popen[bytes] | None = None
+    first, second = _two_workers_and_the_busy_one(gw, shutdown_seconds=0)
     try:
-        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.RUNNING, 120, "the job never started")
         t0 = time.monotonic()
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
         stopped_in = time.monotonic() - t0
-        assert _job(gw) == (JobStatus.RUNNING, 1), "the first worker should not have finished it"
-        second = _worker(gw, "worker-2", shutdown_seconds=60)
+        assert _job(gw) != (JobStatus.DONE, 1), "the first worker should not have finished it"
         _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.DONE, 180, "the handed-back task never ran")
     except BaseException:
         print(gw.log_tail(120))
         raise
     finally:
         _stop_worker(first)
-        if second is not None:
-            _stop_worker(second)
+        _stop_worker(second)
     assert _job(gw) == (JobStatus.DONE, 2)
     assert stopped_in < 30
     # The cold stop was recorded (so the reconciler left the study to the broker's hand-back).
     assert _by_pid(gw, first.pid).stopped_at is not None
-    assert _job_worker(gw) == _by_pid(gw, second.pid).name  # type: ignore[union-attr]
+    assert _job_worker(gw) == _by_pid(gw, second.pid).name
     assert "worker_lost" not in gw.log_text()
 
 
@@ -207,14 +226,11 @@ def test_the_study_of_a_killed_worker_is_requeued_once_its_heartbeat_stops(
     """kill -9 leaves the task unacknowledged in Redis for its visibility timeout (hours); the heartbeat
     tells the listener's reconciler within seconds, long before its running deadline (1 h here)."""
     gw = long_study_gateway
-    first = _worker(gw, "worker-1", shutdown_seconds=60)
-    second: subprocess.Popen[bytes] | None = None
+    first, second = _two_workers_and_the_busy_one(gw, shutdown_seconds=60)
     try:
-        _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.RUNNING, 120, "the job never started")
         os.killpg(first.pid, signal.SIGKILL)  # the whole worker, pool children included: a lost machine
         first.wait()
         killed_at = time.monotonic()
-        second = _worker(gw, "worker-2", shutdown_seconds=60)
         _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.DONE, 180, "the orphaned study never ran again")
         recovered_in = time.monotonic() - killed_at
     except BaseException:
@@ -222,8 +238,7 @@ def test_the_study_of_a_killed_worker_is_requeued_once_its_heartbeat_stops(
         raise
     finally:
         _stop_worker(first)
-        if second is not None:
-            _stop_worker(second)
+        _stop_worker(second)
     assert _job(gw) == (JobStatus.DONE, 2)
     assert _job_worker(gw) == _by_pid(gw, second.pid).name
     assert "reason=worker_lost" in gw.log_text()
