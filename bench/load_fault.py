@@ -91,7 +91,7 @@ class Proc:
 
     def stop(self) -> None:
         if self.p and self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.send_signal(signal.SIGTERM)  # the main process only: see tests/support/gateway.py
             try:
                 self.p.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -138,7 +138,10 @@ def test_rerun_replaces_instead_of_duplicating(
 
 def test_destination_down_then_back(tmp_path: Path, orthanc: OrthancServer, shared_dir: Path) -> None:
     source = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
-    with _gateway(tmp_path, orthanc, CXR_DELIVERY_MAX_RETRIES="8") as gw:
+    # Backoff from 0.5 s: the retry after Orthanc is back comes within seconds, not at a 16 s step.
+    with _gateway(
+        tmp_path, orthanc, CXR_DELIVERY_MAX_RETRIES="8", CXR_DELIVERY_RETRY_BASE_SECONDS="0.5"
+    ) as gw:
         orthanc.stop()
         _send(gw, [source])
         gw.wait_for_jobs(lambda js: js and any(d["status"] == "retrying" for d in js[0]["deliveries"]))
@@ -169,7 +172,8 @@ def test_refusing_destination_dead_letters_and_replay_delivers(
         extra_config={"DicomAlwaysAllowStore": False, "DicomCheckModalityHost": False}
     )
     source = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
-    with _gateway(tmp_path, pacs) as gw:
+    # Two retries are enough to show retry-then-give-up (the default five take a minute here).
+    with _gateway(tmp_path, pacs, CXR_DELIVERY_MAX_RETRIES="2") as gw:
         _send(gw, [source])
         gw.wait_for_jobs(
             lambda js: (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -147,15 +148,19 @@ class GatewayProcesses:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self) -> None:
+        # SIGTERM to each main process only, as systemd (KillMode=mixed) and Kubernetes send it: a SIGTERM
+        # to the whole group also reaches Celery's pool children, and one killed while it holds the pool's
+        # queue lock deadlocks the worker's own shutdown (billiard) until the SIGKILL below.
         for proc in self.procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            # Whatever is left of its process group (a worker that did not stop, its pool children).
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
 
     def __enter__(self) -> GatewayProcesses:
         return self.start()
