@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.queue import QUEUES, broker_kind, queue_depth
 from service.core.settings import Settings
-from service.core.workers import WorkerState, list_workers
+from service.core.workers import WorkerView, list_workers
 
 log = logging.getLogger("cxr_gateway.admin")
 
@@ -45,25 +45,12 @@ class BundleOut(BaseModel):
 WORKER_HISTORY = timedelta(days=1)
 
 
-class WorkerOut(BaseModel):
-    name: str
-    state: WorkerState
-    queues: list[str]
-    pool: str
-    concurrency: int
-    device: str | None
-    version: str
-    started_at: datetime
-    last_seen_at: datetime
-    running_jobs: int
-
-
 class HealthOut(BaseModel):
     database: bool
     broker: bool
     broker_kind: str
     queue_depth: dict[str, int | None]
-    workers: list[WorkerOut] | None  # from their heartbeats; None: the database could not be asked
+    workers: list[WorkerView] | None  # from their heartbeats; None: the database could not be asked
     disk: DiskOut | None
     bundle: BundleOut | None
 
@@ -88,16 +75,15 @@ def broker_ok(celery: Celery, timeout: float = 2.0) -> bool:
         return False
 
 
-def workers(settings: Settings, sessions: sessionmaker[Session]) -> list[WorkerOut] | None:
+def workers(settings: Settings, sessions: sessionmaker[Session]) -> list[WorkerView] | None:
     """Workers seen in the last day, from their heartbeat rows (alive first); None if the database is away."""
     lost_after = timedelta(seconds=settings.reconcile_worker_lost_after_seconds)
     try:
         with sessions() as session:
-            views = list_workers(session, datetime.now(UTC), lost_after, WORKER_HISTORY)
+            return list_workers(session, datetime.now(UTC), lost_after, WORKER_HISTORY)
     except Exception as exc:
         log.warning("health: workers unavailable (%s)", type(exc).__name__)
         return None
-    return [WorkerOut(**{**vars(v), "queues": list(v.queues)}) for v in views]
 
 
 def disk(path: Path) -> DiskOut | None:

@@ -83,14 +83,10 @@ def lost_worker_names(now: datetime, lost_after: timedelta) -> Select[str]:
 
 
 @dataclass(frozen=True)
-class WorkerView:
-    name: str
+class WorkerView(WorkerInfo):
+    """A worker as the dashboard shows it: what it said at start, its state now, its running jobs."""
+
     state: WorkerState
-    queues: tuple[str, ...]
-    pool: str
-    concurrency: int
-    device: str | None
-    version: str
     started_at: datetime
     last_seen_at: datetime
     running_jobs: int
@@ -109,6 +105,7 @@ def list_workers(session: Session, now: datetime, lost_after: timedelta, keep: t
     views = [
         WorkerView(
             name=row.name,
+            pid=row.pid,
             state=state(row, now, lost_after),
             queues=tuple(q for q in row.queues.split(",") if q),
             pool=row.pool,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -173,11 +174,12 @@ def test_a_worker_finishes_its_running_study_on_sigterm(long_study_gateway: Gate
     assert row.stopped_at is not None and row.pool == "prefork" and row.device == "cpu"
 
 
-def _two_workers_and_the_busy_one(
+@contextlib.contextmanager
+def _busy_and_spare(
     gw: GatewayProcesses, shutdown_seconds: float
-) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
-    """Two workers up (the spare starts with the busy one, saving a model load); returns (busy, spare)
-    once the study runs on one of them."""
+) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """Two workers up (the spare starts with the busy one, saving a model load); yields (busy, spare)
+    once the study runs on one of them, prints the logs if the body fails, and kills both at the end."""
     procs = [_worker(gw, f"worker-{i}", shutdown_seconds=shutdown_seconds) for i in (1, 2)]
 
     def busy() -> subprocess.Popen[bytes] | None:
@@ -187,31 +189,26 @@ def _two_workers_and_the_busy_one(
 
     try:
         _wait(lambda: busy() is not None, 120, "the job never started")
+        first = busy()
+        assert first is not None
+        yield first, next(p for p in procs if p is not first)
     except BaseException:
+        print(gw.log_tail(120))
+        raise
+    finally:
         for proc in procs:
             _stop_worker(proc)
-        raise
-    first = busy()
-    assert first is not None
-    return first, next(p for p in procs if p is not first)
 
 
 def test_a_worker_past_its_shutdown_time_hands_the_study_back(long_study_gateway: GatewayProcesses) -> None:
     gw = long_study_gateway
-    first, second = _two_workers_and_the_busy_one(gw, shutdown_seconds=0)
-    try:
+    with _busy_and_spare(gw, shutdown_seconds=0) as (first, second):
         t0 = time.monotonic()
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
         stopped_in = time.monotonic() - t0
         assert _job(gw) != (JobStatus.DONE, 1), "the first worker should not have finished it"
         _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.DONE, 180, "the handed-back task never ran")
-    except BaseException:
-        print(gw.log_tail(120))
-        raise
-    finally:
-        _stop_worker(first)
-        _stop_worker(second)
     assert _job(gw) == (JobStatus.DONE, 2)
     assert stopped_in < 30
     # The cold stop was recorded (so the reconciler left the study to the broker's hand-back).
@@ -226,19 +223,12 @@ def test_the_study_of_a_killed_worker_is_requeued_once_its_heartbeat_stops(
     """kill -9 leaves the task unacknowledged in Redis for its visibility timeout (hours); the heartbeat
     tells the listener's reconciler within seconds, long before its running deadline (1 h here)."""
     gw = long_study_gateway
-    first, second = _two_workers_and_the_busy_one(gw, shutdown_seconds=60)
-    try:
+    with _busy_and_spare(gw, shutdown_seconds=60) as (first, second):
         os.killpg(first.pid, signal.SIGKILL)  # the whole worker, pool children included: a lost machine
         first.wait()
         killed_at = time.monotonic()
         _wait(lambda: (_job(gw) or ("",))[0] == JobStatus.DONE, 180, "the orphaned study never ran again")
         recovered_in = time.monotonic() - killed_at
-    except BaseException:
-        print(gw.log_tail(120))
-        raise
-    finally:
-        _stop_worker(first)
-        _stop_worker(second)
     assert _job(gw) == (JobStatus.DONE, 2)
     assert _job_worker(gw) == _by_pid(gw, second.pid).name
     assert "reason=worker_lost" in gw.log_text()

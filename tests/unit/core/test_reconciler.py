@@ -4,21 +4,33 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import make_session_factory, migrate
-from service.core.models import Job, JobEvent, Study
+from service.core.models import Job, JobEvent, Study, Worker
 from service.core.queue import make_celery
 from service.core.reconciler import REQUEUED, reconcile
-from service.core.settings import load_settings
+from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus
 
 
-def test_stuck_jobs_are_requeued_and_fresh_ones_left(tmp_path: Path) -> None:
+def _database_and_broker(tmp_path: Path) -> tuple[Settings, sessionmaker[Session], Celery]:
+    """A migrated SQLite database and the embedded filesystem broker (messages land as files)."""
     settings = load_settings(data_dir=tmp_path)
     migrate(settings)
-    sessions = make_session_factory(settings)
-    celery = make_celery(settings)  # the embedded filesystem broker: messages land as files
+    return settings, make_session_factory(settings), make_celery(settings)
+
+
+def _worker_row(name: str, **heartbeat: datetime) -> Worker:
+    return Worker(
+        name=name, pid=1, queues="inference", pool="prefork", concurrency=1, version="0", **heartbeat
+    )
+
+
+def test_stuck_jobs_are_requeued_and_fresh_ones_left(tmp_path: Path) -> None:
+    settings, sessions, celery = _database_and_broker(tmp_path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     old, fresh = now - timedelta(hours=2), now - timedelta(seconds=5)
     with sessions.begin() as s:
@@ -52,10 +64,7 @@ def test_finished_jobs_with_pending_deliveries_are_resent_once_per_deadline(tmp_
     from service.core.models import Delivery
     from service.core.reconciler import DELIVERIES_REQUEUED
 
-    settings = load_settings(data_dir=tmp_path)
-    migrate(settings)
-    sessions = make_session_factory(settings)
-    celery = make_celery(settings)
+    _settings, sessions, celery = _database_and_broker(tmp_path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     with sessions.begin() as s:
         study = Study(study_instance_uid="1.2.3")
@@ -81,22 +90,17 @@ def test_finished_jobs_with_pending_deliveries_are_resent_once_per_deadline(tmp_
 
 
 def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(tmp_path: Path) -> None:
-    from service.core.models import Worker
     from service.core.reconciler import WORKER_LOST
 
-    settings = load_settings(data_dir=tmp_path)
-    migrate(settings)
-    sessions = make_session_factory(settings)
-    celery = make_celery(settings)
+    _settings, sessions, celery = _database_and_broker(tmp_path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     started = now - timedelta(minutes=3)  # far below the 30 min running deadline
-    common = {"pid": 1, "queues": "inference", "pool": "prefork", "concurrency": 1, "version": "0"}
     with sessions.begin() as s:
-        s.add(Worker(name="dead@h", last_seen_at=now - timedelta(minutes=2), **common))
-        s.add(Worker(name="alive@h", last_seen_at=now - timedelta(seconds=5), **common))
+        s.add(_worker_row("dead@h", last_seen_at=now - timedelta(minutes=2)))
+        s.add(_worker_row("alive@h", last_seen_at=now - timedelta(seconds=5)))
         # Stopped cleanly: a hand-back already returned its task to the broker.
-        s.add(Worker(name="stopped@h", last_seen_at=now - timedelta(minutes=2), stopped_at=now, **common))
-        s.add(Worker(name="history@h", last_seen_at=now - timedelta(days=8), **common))  # pruned
+        s.add(_worker_row("stopped@h", last_seen_at=now - timedelta(minutes=2), stopped_at=now))
+        s.add(_worker_row("history@h", last_seen_at=now - timedelta(days=8)))  # pruned
         study = Study(study_instance_uid="1.2.3")
         s.add(study)
         s.flush()
@@ -130,24 +134,11 @@ def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(
 
 def test_a_job_claimed_by_another_worker_meanwhile_is_left_alone(tmp_path: Path) -> None:
     from service.core.jobs import transition
-    from service.core.models import Worker
 
-    settings = load_settings(data_dir=tmp_path)
-    migrate(settings)
-    sessions = make_session_factory(settings)
+    _settings, sessions, _celery = _database_and_broker(tmp_path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     with sessions.begin() as s:
-        s.add(
-            Worker(
-                name="dead@h",
-                pid=1,
-                queues="inference",
-                pool="prefork",
-                concurrency=1,
-                version="0",
-                last_seen_at=now - timedelta(minutes=5),
-            )
-        )
+        s.add(_worker_row("dead@h", last_seen_at=now - timedelta(minutes=5)))
         study = Study(study_instance_uid="1.2.3")
         s.add(study)
         s.flush()
@@ -163,10 +154,7 @@ def test_a_backlog_is_not_a_loss_but_a_job_the_queue_has_passed_is(tmp_path: Pat
     """500 studies in a minute on a few workers: the last ones wait longer than the queued deadline, and
     re-enqueuing them would only double the backlog. A job whose message the broker lost is different:
     jobs queued after it have started (the queue is first in, first out)."""
-    settings = load_settings(data_dir=tmp_path)
-    migrate(settings)
-    sessions = make_session_factory(settings)
-    celery = make_celery(settings)
+    _settings, sessions, celery = _database_and_broker(tmp_path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     t = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
     with sessions.begin() as s:
@@ -197,26 +185,12 @@ def test_two_listener_replicas_requeue_a_job_once(tmp_path: Path, monkeypatch: p
     """Both replicas read the same stuck jobs; the one that moves second must find nothing to move, or
     the job gets two messages and runs twice at once."""
     import service.core.reconciler as reconciler
-    from service.core.models import Worker
 
-    settings = load_settings(data_dir=tmp_path)
-    migrate(settings)
-    sessions = make_session_factory(settings)
-    celery = make_celery(settings)
+    settings, sessions, celery = _database_and_broker(tmp_path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     old = now - timedelta(hours=2)
     with sessions.begin() as s:
-        s.add(
-            Worker(
-                name="dead@h",
-                pid=1,
-                queues="inference",
-                pool="prefork",
-                concurrency=1,
-                version="0",
-                last_seen_at=now - timedelta(minutes=5),
-            )
-        )
+        s.add(_worker_row("dead@h", last_seen_at=now - timedelta(minutes=5)))
         study = Study(study_instance_uid="1.2.3")
         s.add(study)
         s.flush()
