@@ -34,6 +34,7 @@ __all__ = [
     "PROCESSING_EQUIPMENT",
     "display_name",
     "finding_code",
+    "value_name",
 ]
 
 from worker.labels import NIH_LABELS
@@ -113,6 +114,12 @@ DISPLAY_NAMES: Final[dict[str, str]] = {
 def finding_code(label: str) -> CodedConcept:
     """A fresh copy of the code for an NIH label (KeyError for unknown labels)."""
     return deepcopy(FINDING_CODES[label])
+
+
+def value_name(label: str, calibrated: bool) -> str:
+    """What a finding's number is called where a reader sees it: "Pneumothorax probability" only for a
+    calibrated bundle, else "Pneumothorax score" (an uncalibrated output is not a probability)."""
+    return f"{display_name(label)} {'probability' if calibrated else 'score'}"
 
 
 def display_name(label: str) -> str:

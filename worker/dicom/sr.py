@@ -121,6 +121,8 @@ class AlgorithmInfo:
     manufacturer: str = "cxr-gateway"
     model_name: str = "cxr-gateway DenseNet-121 CXR14"
     device_uid: str | None = None
+    # Whether the bundle's outputs are calibrated probabilities; if not, they are called scores.
+    calibrated: bool = False
 
     @property
     def observer_uid(self) -> str:
