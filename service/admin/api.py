@@ -25,6 +25,7 @@ from service.admin.queries import (
     job_detail,
     job_out,
     list_jobs,
+    source_image,
 )
 from service.admin.schemas import (
     AuditOut,
@@ -62,6 +63,7 @@ def api_me(user: User) -> Me:
 @router.get("/jobs", response_model=JobPage, tags=["jobs"])
 def api_jobs(
     session: DB,
+    ctx: Ctx,
     status: JobStatus | None = None,
     since: Annotated[date | None, Query(description="received on or after this UTC day")] = None,
     until: Annotated[date | None, Query(description="received on or before this UTC day")] = None,
@@ -70,18 +72,19 @@ def api_jobs(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> JobPage:
-    """Jobs, newest first, with stage times and deliveries."""
+    """Jobs, newest first, with stage times, deliveries and (with CXR_VIEWER_URL) the viewer link."""
     flt = JobFilter(status, since, until, source_ae or None, destination or None)
-    return list_jobs(session, flt, limit, offset)
+    return list_jobs(session, flt, limit, offset, ctx.settings.viewer_url)
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetailOut, tags=["jobs"])
 def api_job(job_id: str, session: DB, ctx: Ctx) -> JobDetailOut:
-    """One job: timeline events, per-image gate decisions and probabilities, heatmap URLs, deliveries."""
+    """One job: timeline events, per-image gate decisions, values and finding regions, image URLs,
+    deliveries."""
     job = get_job(session, job_id)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
-    return job_detail(session, job, ctx.settings.output_dir)
+    return job_detail(session, job, ctx.settings.output_dir, ctx.settings.viewer_url)
 
 
 @router.get("/jobs/{job_id}/patient", response_model=PatientOut, tags=["jobs"])
@@ -115,6 +118,29 @@ def api_heatmap(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
     return Response(content=dicomops.heatmap_png(Path(paths[n])), media_type="image/png")
 
 
+@router.get(
+    "/jobs/{job_id}/images/{n}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+    tags=["jobs"],
+)
+def api_source_image(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
+    """The job's n-th analysed image (``images`` of its result) as a downscaled greyscale PNG (long side
+    at most 512 px), read from the spool: the picture the finding regions are drawn on."""
+    job = get_job(session, job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail="job not found")
+    found = source_image(session, job, n, ctx.settings.spool_dir)
+    if found is None:
+        raise HTTPException(status_code=404, detail="no such source image")
+    path, entry = found
+    try:
+        png = dicomops.source_png(path, invert=entry.get("inverted_by_heuristic") is True)
+    except dicomops.SourceImageError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
+    return Response(content=png, media_type="image/png")
+
+
 @router.post("/jobs/{job_id}/requeue", response_model=RequeueOut, tags=["jobs"])
 def api_requeue(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> RequeueOut:
     """Run a finished (done, failed, skipped) job's study again as a new job."""
@@ -125,7 +151,7 @@ def api_requeue(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> RequeueO
     with ctx.sessions() as session:
         job = get_job(session, new_id)
         assert job is not None
-        return RequeueOut(requeued_from=job_id, job=job_out(job))
+        return RequeueOut(requeued_from=job_id, job=job_out(job, ctx.settings.viewer_url))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
@@ -138,7 +164,7 @@ def api_cancel(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> JobOut:
     with ctx.sessions() as session:
         job = get_job(session, job_id)
         assert job is not None
-        return job_out(job)
+        return job_out(job, ctx.settings.viewer_url)
 
 
 @router.get("/deliveries", response_model=list[DeliveryOut], tags=["deliveries"])

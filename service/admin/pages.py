@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -42,8 +43,28 @@ def _secs(value: float | None) -> str:
     return f"{int(minutes)} min {int(seconds)} s"
 
 
+# Finding regions over the source image: distinct colours that stand out on a grey X-ray.
+REGION_COLOURS = ("#ff4d4d", "#ffd23f", "#3ec6ff", "#4cff7a", "#ff5cf0", "#ff9f1c", "#a78bfa", "#c6ff3d")
+
+
+def _svg_points(polygon: Sequence[Sequence[float]]) -> str:
+    """An SVG ``points`` attribute, numbers formatted here (never text from the result)."""
+    return " ".join(f"{float(x):.1f},{float(y):.1f}" for x, y in polygon)
+
+
+def _num(value: float, digits: int = 1) -> str:
+    return f"{float(value):.{int(digits)}f}"
+
+
+def _region_colour(index: int) -> str:
+    return REGION_COLOURS[int(index) % len(REGION_COLOURS)]
+
+
 TEMPLATES.env.filters["dt"] = _dt
 TEMPLATES.env.filters["secs"] = _secs
+TEMPLATES.env.filters["svg_points"] = _svg_points
+TEMPLATES.env.filters["num"] = _num
+TEMPLATES.env.globals["region_colour"] = _region_colour
 
 
 def flash(request: Request, kind: str, message: str) -> None:
@@ -180,11 +201,11 @@ def job_list_query(
 JobList = Annotated[JobListQuery, Depends(job_list_query)]
 
 
-def _jobs_context(session: DB, f: JobListQuery) -> dict[str, Any]:
+def _jobs_context(request: Request, session: DB, f: JobListQuery) -> dict[str, Any]:
     flt, values = _parse_filter(f.status, f.since, f.until, f.source_ae, f.destination)
     offset = f.offset
     limit = f.limit if f.limit in PAGE_SIZES else 50
-    page = list_jobs(session, flt, limit, offset)
+    page = list_jobs(session, flt, limit, offset, request.app.state.ctx.settings.viewer_url)
     query = {k: v for k, v in values.items() if v}
 
     def link(new_offset: int) -> str:
@@ -206,7 +227,7 @@ def _jobs_context(session: DB, f: JobListQuery) -> dict[str, Any]:
 
 @router.get("/", response_class=HTMLResponse)
 def jobs_page(request: Request, session: DB, user: User, query: JobList) -> HTMLResponse:
-    context = _jobs_context(session, query)
+    context = _jobs_context(request, session, query)
     sources, destinations = filter_choices(session)
     configured = [d.ae_title for d in request.app.state.ctx.settings.destinations]
     context |= {"sources": sources, "destinations": sorted({*destinations, *configured})}
@@ -216,7 +237,7 @@ def jobs_page(request: Request, session: DB, user: User, query: JobList) -> HTML
 @router.get("/jobs/rows", response_class=HTMLResponse)
 def jobs_rows(request: Request, session: DB, user: User, query: JobList) -> HTMLResponse:
     """The jobs table body alone, polled by the jobs page."""
-    context = _jobs_context(session, query)
+    context = _jobs_context(request, session, query)
     return render(request, "_job_rows.html", context)
 
 
@@ -225,7 +246,7 @@ def _job_context(request: Request, session: DB, job_id: str) -> dict[str, Any]:
     job = get_job(session, job_id)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
-    detail = job_detail(session, job, ctx.settings.output_dir)
+    detail = job_detail(session, job, ctx.settings.output_dir, ctx.settings.viewer_url)
     info = health.bundle_info(ctx.settings.model_bundle)
     points = info.operating_points if info else {}
     later = session.scalars(

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from pydantic import ValidationError
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, selectinload
 
@@ -18,6 +20,7 @@ from service.admin.schemas import (
     JobEventOut,
     JobOut,
     JobPage,
+    RegionOut,
     StageTimes,
 )
 from service.core.models import Delivery, Instance, Job
@@ -88,7 +91,14 @@ def delivery_out(d: Delivery) -> DeliveryOut:
     )
 
 
-def _job_fields(job: Job) -> dict[str, Any]:
+def viewer_link(template: str | None, study_uid: str) -> str | None:
+    """The study in the site's viewer: ``template`` (CXR_VIEWER_URL) with the URL-quoted study UID."""
+    if not template or not study_uid:
+        return None
+    return template.format(study_uid=quote(study_uid, safe=""))
+
+
+def _job_fields(job: Job, viewer: str | None = None) -> dict[str, Any]:
     stages = StageTimes(
         received_at=job.received_at,
         queued_at=job.queued_at,
@@ -111,19 +121,23 @@ def _job_fields(job: Job) -> dict[str, Any]:
         "accession_masked": mask_accession(job.study.accession_number),
         "stages": stages,
         "deliveries": [delivery_out(d) for d in job.deliveries],
+        "viewer_url": viewer_link(viewer, job.study.study_instance_uid),
     }
 
 
-def job_out(job: Job) -> JobOut:
-    return JobOut(**_job_fields(job))
+def job_out(job: Job, viewer: str | None = None) -> JobOut:
+    """``viewer``: the CXR_VIEWER_URL template, for the job's link to its study in the viewer."""
+    return JobOut(**_job_fields(job, viewer))
 
 
-def list_jobs(session: Session, flt: JobFilter, limit: int, offset: int) -> JobPage:
+def list_jobs(
+    session: Session, flt: JobFilter, limit: int, offset: int, viewer: str | None = None
+) -> JobPage:
     stmt = flt.apply(select(Job).options(selectinload(Job.deliveries), selectinload(Job.study)))
     count = flt.apply(select(func.count()).select_from(Job))
     jobs = session.scalars(stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
     return JobPage(
-        total=session.scalar(count) or 0, limit=limit, offset=offset, items=[job_out(j) for j in jobs]
+        total=session.scalar(count) or 0, limit=limit, offset=offset, items=[job_out(j, viewer) for j in jobs]
     )
 
 
@@ -153,13 +167,54 @@ def heatmap_paths(job: Job, output_dir: Path) -> list[Path]:
     return list(seen.values())
 
 
-def job_detail(session: Session, job: Job, output_dir: Path) -> JobDetailOut:
+def _result_images(result: dict[str, Any]) -> list[Any]:
+    images = result.get("images")
+    return images if isinstance(images, list) else []
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _regions(raw: Any, probs: dict[str, float]) -> list[RegionOut]:
+    """The image's regions as the worker recorded them; an entry that does not fit is left out."""
+    regions: list[RegionOut] = []
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict):
+            continue
+        try:
+            region = RegionOut.model_validate({**item, "value": probs.get(str(item.get("label")))})
+        except ValidationError:
+            continue
+        regions.append(region)
+    return regions
+
+
+def _analysed_image(job: Job, n: int, uid: str, modality: str | None, img: dict[str, Any]) -> ImageOut:
+    raw = img.get("probabilities")
+    probs = {str(k): float(v) for k, v in (raw if isinstance(raw, dict) else {}).items()}
+    kind = img.get("score_kind")
+    return ImageOut(
+        sop_instance_uid=uid,
+        modality=modality,
+        decision="analysed",
+        probabilities=probs,
+        present=[str(x) for x in img.get("present") or []],
+        rows=_positive_int(img.get("rows")),
+        columns=_positive_int(img.get("columns")),
+        score_kind=kind if kind in ("probability", "score") else None,
+        regions=_regions(img.get("regions"), probs),
+        source_image=f"/api/jobs/{job.id}/images/{n}.png",
+    )
+
+
+def job_detail(session: Session, job: Job, output_dir: Path, viewer: str | None = None) -> JobDetailOut:
+    """``viewer``: the CXR_VIEWER_URL template, for the link to the study in the site's viewer."""
     result = job.result or {}
-    by_uid = {
-        str(img.get("sop_instance_uid")): img
-        for img in result.get("images") or []
-        if isinstance(img, dict) and img.get("sop_instance_uid")
-    }
+    by_uid: dict[str, tuple[int, dict[str, Any]]] = {}
+    for n, img in enumerate(_result_images(result)):
+        if isinstance(img, dict) and img.get("sop_instance_uid"):
+            by_uid.setdefault(str(img["sop_instance_uid"]), (n, img))
     raw_gate = result.get("gate")
     gate: dict[str, Any] = raw_gate if isinstance(raw_gate, dict) else {}
     stmt = select(Instance.sop_instance_uid, Instance.modality).where(Instance.study_id == job.study_id)
@@ -173,31 +228,47 @@ def job_detail(session: Session, job: Job, output_dir: Path) -> JobDetailOut:
     rows += [(uid, None) for uid in [*by_uid, *gate] if uid not in known]
     images: list[ImageOut] = []
     for uid, modality in dict.fromkeys(rows):
-        img = by_uid.get(uid)
-        if img is not None:
-            raw = img.get("probabilities")
-            probs: dict[str, Any] = raw if isinstance(raw, dict) else {}
-            images.append(
-                ImageOut(
-                    sop_instance_uid=uid,
-                    modality=modality,
-                    decision="analysed",
-                    probabilities={str(k): float(v) for k, v in probs.items()},
-                    present=[str(x) for x in img.get("present") or []],
-                )
-            )
+        found = by_uid.get(uid)
+        if found is not None:
+            images.append(_analysed_image(job, found[0], uid, modality, found[1]))
         else:
             decision = str(gate.get(uid)) if gate.get(uid) else ("pending" if not result else "not analysed")
             images.append(ImageOut(sop_instance_uid=uid, modality=modality, decision=decision))
     heatmaps = [f"/api/jobs/{job.id}/heatmaps/{n}.png" for n in range(len(heatmap_paths(job, output_dir)))]
     return JobDetailOut(
-        **_job_fields(job),
+        **_job_fields(job, viewer),
         reason_detail=job.reason_detail,
         result=job.result,
         events=[JobEventOut(status=e.status, reason_code=e.reason_code, at=e.at) for e in job.events],
         images=images,
         heatmaps=heatmaps,
     )
+
+
+def source_image(session: Session, job: Job, n: int, spool_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The spooled file of the job's n-th analysed image (``result["images"][n]``) and that entry.
+
+    None when there is no such image, the instance is not the job's study's, or its file is gone; a
+    spool path that would leave the spool dir is ignored.
+    """
+    images = _result_images(job.result or {})
+    if not 0 <= n < len(images) or not isinstance(images[n], dict):
+        return None
+    uid = images[n].get("sop_instance_uid")
+    if not uid:
+        return None
+    rel = session.scalar(
+        select(Instance.spool_path).where(
+            Instance.study_id == job.study_id, Instance.sop_instance_uid == str(uid)
+        )
+    )
+    if rel is None:
+        return None
+    root = spool_dir.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path, images[n]
 
 
 def get_job(session: Session, job_id: str) -> Job | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.status import JobStatus
 
@@ -55,6 +55,9 @@ class JobOut(BaseModel):
     accession_masked: str | None = Field(description="last characters of the accession number only")
     stages: StageTimes
     deliveries: list[DeliveryOut]
+    viewer_url: str | None = Field(
+        default=None, description="the study in the site's viewer (CXR_VIEWER_URL); null when unset"
+    )
 
 
 class JobEventOut(BaseModel):
@@ -63,12 +66,34 @@ class JobEventOut(BaseModel):
     at: datetime
 
 
+class RegionOut(BaseModel):
+    """Where a finding present at its operating point is, in the source image's pixel coordinates."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    label: str
+    kind: Literal["outline", "box"]
+    level: float = Field(description="fraction of the finding's heatmap maximum the outline follows")
+    peak: tuple[float, float] = Field(description="(column, row) of the heatmap's maximum")
+    polygon: list[tuple[float, float]] = Field(
+        min_length=3, description="closed outline, (column, row) points, the last repeating the first"
+    )
+    value: float | None = Field(default=None, description="the finding's score or probability")
+
+
 class ImageOut(BaseModel):
     sop_instance_uid: str
     modality: str | None
     decision: str = Field(description='"analysed" or the gate/pixel reason code')
     probabilities: dict[str, float] | None = None
     present: list[str] = []
+    rows: int | None = Field(default=None, description="source image height in pixels")
+    columns: int | None = Field(default=None, description="source image width in pixels")
+    score_kind: Literal["probability", "score"] | None = Field(
+        default=None, description="what the values are: probabilities only for a calibrated model"
+    )
+    regions: list[RegionOut] = []
+    source_image: str | None = Field(default=None, description="URL of the source image as a PNG thumbnail")
 
 
 class JobDetailOut(JobOut):

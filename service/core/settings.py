@@ -9,6 +9,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -64,6 +65,27 @@ class DashboardUser(BaseModel):
         if (self.password_hash is None) == (self.password is None):
             raise ValueError(f"dashboard user {self.username!r} needs exactly one of password_hash, password")
         return self
+
+
+def check_viewer_url(v: str | None) -> str | None:
+    """An http(s) URL template whose only placeholder is ``{study_uid}``; empty means unset."""
+    if v is None or not v.strip():
+        return None
+    v = v.strip()
+    if not v.lower().startswith(("http://", "https://")):
+        raise ValueError("viewer_url must start with http:// or https://")
+    try:
+        filled = v.format(study_uid="1.2.3")
+        used = filled != v.format(study_uid="4.5.6")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ValueError(
+            "viewer_url may hold no placeholder but {study_uid} (write a literal brace as {{ or }})"
+        ) from exc
+    if "{study_uid}" not in v or not used:
+        raise ValueError("viewer_url must contain {study_uid}")
+    if not urlsplit(filled).hostname:
+        raise ValueError("viewer_url needs a host name")
+    return v
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -134,6 +156,9 @@ class Settings(BaseSettings):
     dashboard_upload_max_bytes: int = Field(default=64 * 1024**2, ge=1)
     # Calling AE title of the dashboard's own C-STOREs (uploads) and C-ECHOs; allow it in `sources`.
     dashboard_ae_title: str = "CXR_DASHBOARD"
+    # The site's image viewer: a URL template with {study_uid} (URL-quoted when filled in); the job pages
+    # link each study there. Unset: no viewer links.
+    viewer_url: str | None = Field(default=None, description="URL template of the site's viewer")
 
     model_bundle: Path = DEFAULT_BUNDLE
     destinations: list[Destination] = Field(default_factory=list)
@@ -181,6 +206,11 @@ class Settings(BaseSettings):
     gate_view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP", ""])
     gate_min_side: int = Field(default=256, ge=1, description="smallest Rows/Columns analysed")
     decode_timeout_seconds: float = Field(default=30.0, ge=0, description="per-image pixel decode limit")
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _check_viewer_url(cls, v: str | None) -> str | None:
+        return check_viewer_url(v)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -121,6 +121,11 @@ def test_dashboard_in_a_browser(
     page.wait_for_selector("#heatmap-0")
     page.wait_for_function("document.querySelector('#heatmap-0').naturalWidth > 0")
     assert page.locator("svg.bar").count() == 14
+    # The source image with the finding regions over it (the demo model may find none: zero polygons).
+    page.wait_for_function("document.querySelector('#source-0').complete")
+    assert page.evaluate("document.querySelector('#source-0').naturalWidth") > 0
+    assert page.locator("#overlay-0").count() == 1
+    assert page.locator("#viewer-link").count() == 0  # no CXR_VIEWER_URL, no viewer link
     assert page.is_visible("text=AI-generated · not for diagnostic use")
     job_url = page.url
     shots.take(page, "job")
