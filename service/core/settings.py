@@ -14,7 +14,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.core.status import DEFAULT_OUTPUTS, OutputKind
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
+_OUTPUT_NAMES = [kind.value for kind in OutputKind]
 
 
 class Destination(BaseModel):
@@ -25,11 +28,32 @@ class Destination(BaseModel):
     port: int = Field(ge=1, le=65535)
     # C-STORE over TLS (contexts from ``service.core.tls.client_context``): BCP 195, TLS >= 1.2.
     tls: bool = False
+    # The result objects this peer receives, e.g. ["sr", "report", "sc", "gsps"] (a GSPS is built only
+    # for destinations that list it).
+    outputs: list[OutputKind] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
 
     @field_validator("ae_title")
     @classmethod
     def _strip(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _check_outputs(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"outputs must be a list of {_OUTPUT_NAMES}")
+        names = [str(item).strip().lower() for item in v]
+        if not names:
+            raise ValueError(f"outputs must name at least one of {_OUTPUT_NAMES}")
+        unknown = [name for name in names if name not in _OUTPUT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown outputs {unknown}: choose from {_OUTPUT_NAMES}")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"outputs lists {duplicates} more than once")
+        return names
 
 
 def _check_ae_title(v: str) -> str:

@@ -60,3 +60,15 @@ class ReasonCode(StrEnum):
     SPOOL_WRITE_FAILED = "spool_write_failed"
     DATABASE_UNAVAILABLE = "database_unavailable"
     BROKER_UNAVAILABLE = "broker_unavailable"
+
+
+class OutputKind(StrEnum):
+    """The DICOM objects a study's results are sent as; each destination lists those it takes."""
+
+    SR = "sr"  # the findings measurement report (Comprehensive 3D SR, TID 1500)
+    REPORT = "report"  # a second SR with the full results table, shown as text by viewers
+    SC = "sc"  # the heatmap Secondary Capture
+    GSPS = "gsps"  # Grayscale Softcopy Presentation State with the outlines (optional)
+
+
+DEFAULT_OUTPUTS = (OutputKind.SR, OutputKind.REPORT, OutputKind.SC)

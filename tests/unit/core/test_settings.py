@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.core.settings import load_settings
+from service.core.settings import Destination, load_settings
+from service.core.status import OutputKind
 
 
 def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -48,6 +49,38 @@ def test_bad_destination_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(ValidationError):
         load_settings()
+
+
+def test_destination_outputs_default_and_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(
+        "CXR_DESTINATIONS",
+        '[{"ae_title": "PACS", "host": "h", "port": 104},'
+        ' {"ae_title": "GSPS_PACS", "host": "h", "port": 105, "outputs": ["sr", "GSPS"]}]',
+    )
+    plain, with_gsps = load_settings().destinations
+    assert plain.outputs == [OutputKind.SR, OutputKind.REPORT, OutputKind.SC]
+    assert with_gsps.outputs == [OutputKind.SR, OutputKind.GSPS]
+    assert Destination(ae_title="P", host="h", port=1).outputs is not plain.outputs  # no shared default
+
+    cfg = tmp_path / "cxr.toml"
+    cfg.write_text('[[destinations]]\nae_title = "PACS"\nhost = "h"\nport = 104\noutputs = ["sc", "gsps"]\n')
+    monkeypatch.delenv("CXR_DESTINATIONS")
+    assert load_settings(cfg).destinations[0].outputs == [OutputKind.SC, OutputKind.GSPS]
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ([], "at least one"),
+        (["sr", "pdf"], "unknown outputs ['pdf']: choose from ['sr', 'report', 'sc', 'gsps']"),
+        (["sc", "sr", "sc"], "['sc'] more than once"),
+        ({"sr": True}, "must be a list"),
+    ],
+)
+def test_bad_destination_outputs_are_refused(outputs: object, message: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Destination.model_validate({"ae_title": "PACS", "host": "h", "port": 104, "outputs": outputs})
+    assert message in str(caught.value)
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
