@@ -16,7 +16,7 @@ from worker.dicom.pixels import read_display_pixels
 from worker.dicom.sc import build_heatmap_sc
 from worker.inference.bundle import load_bundle
 from worker.inference.predictor import Predictor
-from worker.pipeline import TOP_HEATMAPS, algorithm_info
+from worker.pipeline import algorithm_info, image_findings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -32,13 +32,15 @@ def main() -> None:
         ds = dcmread(SHARED / "dicom" / "chest" / name)
         display = read_display_pixels(ds)
         pred = predictor.predict([display.pixels])
-        probs, cams = pred.probabilities[0], pred.cams[0]
-        top = sorted(range(len(bundle.labels)), key=lambda i: float(probs[i]), reverse=True)[:TOP_HEATMAPS]
+        findings, heatmaps, regions, _ = image_findings(
+            bundle, pred.probabilities[0], pred.cams[0], display.pixels.shape
+        )
         sc = build_heatmap_sc(
             ds,
             display.pixels,
-            {bundle.labels[i]: cams[i] for i in top},
-            {bundle.labels[i]: float(probs[i]) for i in top},
+            heatmaps,
+            findings,
+            regions,
             algorithm_info(bundle),
             series_instance_uid="1.2.826.0.1.3680043.10.1453.1",
             sop_instance_uid="1.2.826.0.1.3680043.10.1453.2",
@@ -47,7 +49,7 @@ def main() -> None:
         img.thumbnail((1200, 1200))
         target = out_dir / f"sc-{Path(name).stem}.png"
         img.save(target, optimize=True)
-        print(f"{target.relative_to(REPO)}: top {[bundle.labels[i] for i in top]}")
+        print(f"{target.relative_to(REPO)}: present {[region.label for region in regions]}")
 
 
 if __name__ == "__main__":

@@ -20,26 +20,37 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core.jobs import transition
+from service.core.jobs import record_event, transition
 from service.core.models import Delivery, Instance, Job
-from service.core.settings import Settings
-from service.core.status import DeliveryStatus, JobStatus, ReasonCode
+from service.core.settings import Destination, Settings
+from service.core.status import DeliveryStatus, JobStatus, OutputKind, ReasonCode
 from worker import __version__
 from worker.dicom.gate import GateRules, check_header
-from worker.dicom.pixels import PixelDataError, read_display_pixels
+from worker.dicom.gsps import build_findings_gsps
+from worker.dicom.pixels import DisplayImage, PixelDataError, read_display_pixels
 from worker.dicom.sc import build_heatmap_sc
-from worker.dicom.sr import AlgorithmInfo, FindingResult, build_findings_sr, build_not_analysed_sr
+from worker.dicom.sr import (
+    AlgorithmInfo,
+    FindingResult,
+    build_findings_sr,
+    build_not_analysed_sr,
+    build_results_sr,
+)
 from worker.dicom.uids import derive_uid
 from worker.errors import PermanentError
 from worker.inference.batcher import BatchingPredictor
 from worker.inference.bundle import Bundle, load_bundle
 from worker.inference.predictor import Prediction, Predictor
+from worker.regions import Region, finding_region
 
 log = logging.getLogger(__name__)
 
-TOP_HEATMAPS = 3
-SR_SERIES_NUMBER = 9901
-SC_SERIES_NUMBER = 9902
+SERIES_NUMBERS = {
+    OutputKind.SR: 9901,
+    OutputKind.SC: 9902,
+    OutputKind.GSPS: 9903,
+    OutputKind.REPORT: 9904,
+}
 
 
 T = TypeVar("T")
@@ -168,9 +179,14 @@ def make_inference(settings: Settings) -> Inference:
 
 @dataclass(frozen=True)
 class Output:
-    kind: str  # "sr" | "sc"
+    kind: OutputKind
     sop_instance_uid: str
     path: Path
+    # The destination output names it is sent for (a not-analysed report stands in for both SRs).
+    serves: frozenset[OutputKind] = frozenset()
+
+    def wanted_by(self, dest: Destination) -> bool:
+        return bool((self.serves or {self.kind}) & set(dest.outputs))
 
 
 def algorithm_info(bundle: Bundle) -> AlgorithmInfo:
@@ -179,6 +195,7 @@ def algorithm_info(bundle: Bundle) -> AlgorithmInfo:
         version=bundle.version,
         bundle_hash=bundle.sha256,
         software_version=f"cxr-gateway {__version__}",
+        calibrated=bundle.calibrated,
     )
 
 
@@ -254,6 +271,8 @@ def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[i
         delivery_ids: list[int] = []
         for out in outputs:
             for dest in settings.destinations:
+                if not out.wanted_by(dest):
+                    continue
                 delivery = existing.get((out.sop_instance_uid, dest.ae_title, dest.host, dest.port))
                 if delivery is None:
                     delivery = Delivery(
@@ -273,7 +292,9 @@ def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[i
                 delivery_ids.append(delivery.id)
         final = JobStatus.SKIPPED if skipped_reason else JobStatus.DONE
         # Never over a result another run of the same job has already recorded.
-        transition(session, job_id, final, expected=UNFINISHED, reason_code=skipped_reason)
+        if transition(session, job_id, final, expected=UNFINISHED, reason_code=skipped_reason):
+            for reason in sorted({str(note["reason"]) for note in result.get("notes", [])}):
+                record_event(session, job_id, final, reason)
     log.info("job=%s %s outputs=%d deliveries=%d", job_id, final, len(outputs), len(delivery_ids))
     return delivery_ids
 
@@ -314,6 +335,7 @@ def _analyse(
     images: list[dict[str, Any]] = []
     result: dict[str, Any] = {"bundle": {"name": bundle.name, "version": bundle.version}, "images": images}
     outputs: list[Output] = []
+    notes: list[dict[str, Any]] = []  # what went wrong without costing the job, each with a coded reason
 
     if not eligible:
         if not received:
@@ -326,9 +348,10 @@ def _analyse(
             algo,
             series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sr-series"),
             sop_instance_uid=sr_uid,
-            series_number=SR_SERIES_NUMBER,
+            series_number=SERIES_NUMBERS[OutputKind.SR],
         )
-        outputs.append(Output("sr", sr_uid, _write(sr, out_dir / "not-analysed-sr.dcm")))
+        path = _write(sr, out_dir / "not-analysed-sr.dcm")
+        outputs.append(Output(OutputKind.REPORT, sr_uid, path, frozenset({OutputKind.SR, OutputKind.REPORT})))
         result["gate"] = reasons
         first = next(iter(reasons.values()), ReasonCode.NO_IMAGES)
         return outputs, result, first
@@ -344,52 +367,113 @@ def _analyse(
         "batch_studies": prediction.batch_requests,
     }
 
-    labels = bundle.labels
-    for n, ((src, display), probs, cams) in enumerate(
+    wanted = {kind for dest in settings.destinations for kind in dest.outputs}
+    for n, ((src, display), scores, cams) in enumerate(
         zip(eligible, prediction.probabilities, prediction.cams, strict=True), start=1
     ):
-        src_uid = str(src.SOPInstanceUID)
-        findings = [
-            FindingResult(label=lb, probability=float(p), threshold=bundle.operating_points[lb])
-            for lb, p in zip(labels, probs, strict=True)
-        ]
-        top = sorted(range(len(labels)), key=lambda i: float(probs[i]), reverse=True)[:TOP_HEATMAPS]
+        findings, heatmaps, regions, unlocalised = image_findings(bundle, scores, cams, display.pixels.shape)
+        for label in unlocalised:
+            log.warning("job=%s image=%d finding=%s reason=%s", job_id, n, label, ReasonCode.REGION_NOT_BUILT)
+            notes.append({"image": n, "label": label, "reason": ReasonCode.REGION_NOT_BUILT})
         try:
-            sr_uid = derive_uid(prefix, src_uid, bundle.version, "sr")
-            sr = build_findings_sr(
-                [src],
-                findings,
-                algo,
-                series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sr-series"),
-                sop_instance_uid=sr_uid,
-                series_number=SR_SERIES_NUMBER,
-                instance_number=n,
-            )
-            sc_uid = derive_uid(prefix, src_uid, bundle.version, "sc")
-            sc = build_heatmap_sc(
-                src,
-                display.pixels,
-                {labels[i]: cams[i] for i in top},
-                {labels[i]: float(probs[i]) for i in top},
-                algo,
-                series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sc-series"),
-                sop_instance_uid=sc_uid,
-                series_number=SC_SERIES_NUMBER,
-                instance_number=n,
+            outputs.extend(
+                _image_outputs(src, display, findings, regions, heatmaps, rt, study_uid, n, out_dir, wanted)
             )
         except Exception as exc:
             raise PermanentError(ReasonCode.OUTPUT_BUILD_ERROR, type(exc).__name__) from exc
-        outputs.append(Output("sr", sr_uid, _write(sr, out_dir / f"sr-{n}.dcm")))
-        outputs.append(Output("sc", sc_uid, _write(sc, out_dir / f"sc-{n}.dcm")))
+        height, width = display.pixels.shape
         images.append(
             {
-                "sop_instance_uid": src_uid,
-                "probabilities": {lb: round(float(p), 6) for lb, p in zip(labels, probs, strict=True)},
-                "present": [f.label for f in findings if f.probability >= f.threshold],
+                "sop_instance_uid": str(src.SOPInstanceUID),
+                "probabilities": {f.label: round(f.score, 6) for f in findings},
+                "present": [f.label for f in findings if f.present],
+                "score_kind": "probability" if algo.calibrated else "score",
+                "rows": int(height),
+                "columns": int(width),
+                "regions": [region.as_json() for region in regions],
                 "inverted_by_label": display.inverted_by_label,
                 "inverted_by_heuristic": display.inverted_by_heuristic,
             }
         )
     result["gate"] = {uid: r for uid, r in gate.items() if r}
+    if notes:
+        result["notes"] = notes
     result["finished_at"] = datetime.now(UTC).isoformat()
     return outputs, result, None
+
+
+def image_findings(
+    bundle: Bundle, scores: NDArray[np.float32], cams: NDArray[np.float32], shape: tuple[int, ...]
+) -> tuple[list[FindingResult], dict[str, NDArray[np.float32]], list[Region], list[str]]:
+    """One image's model output as the outputs use it: every finding at its operating point, the
+    heatmaps by label, the present findings' regions on the image, and the present findings left
+    without a region (a region that cannot be built costs that region only, never the report)."""
+    findings = [
+        FindingResult(label=label, score=float(score), threshold=bundle.operating_points[label])
+        for label, score in zip(bundle.labels, scores, strict=True)
+    ]
+    heatmaps = dict(zip(bundle.labels, cams, strict=True))
+    rows, columns = int(shape[0]), int(shape[1])
+    regions: list[Region] = []
+    missing: list[str] = []
+    for finding in findings:
+        if not finding.present:
+            continue
+        try:
+            region = finding_region(finding.label, heatmaps[finding.label], rows, columns)
+        except Exception:  # a malformed map is this region's problem, not the report's
+            region = None
+        if region is None:
+            missing.append(finding.label)
+        else:
+            regions.append(region)
+    return findings, heatmaps, regions, missing
+
+
+def _image_outputs(
+    src: Dataset,
+    display: DisplayImage,
+    findings: list[FindingResult],
+    regions: list[Region],
+    heatmaps: dict[str, NDArray[np.float32]],
+    rt: Runtime,
+    study_uid: str,
+    n: int,
+    out_dir: Path,
+    wanted: set[OutputKind],
+) -> list[Output]:
+    """The output objects for the n-th analysed image of a study: UIDs derived, files written."""
+    prefix, version = rt.settings.uid_prefix, rt.bundle.version
+    algo = algorithm_info(rt.bundle)
+    src_uid = str(src.SOPInstanceUID)
+
+    def uids(kind: OutputKind) -> dict[str, Any]:
+        return {
+            "series_instance_uid": derive_uid(prefix, study_uid, version, f"{kind}-series"),
+            "sop_instance_uid": derive_uid(prefix, src_uid, version, str(kind)),
+            "series_number": SERIES_NUMBERS[kind],
+            "instance_number": n,
+        }
+
+    builders: dict[OutputKind, Callable[..., Dataset]] = {
+        OutputKind.SR: partial(build_findings_sr, src, findings, algo, regions=regions),
+        OutputKind.REPORT: partial(build_results_sr, src, findings, algo),
+        OutputKind.SC: partial(build_heatmap_sc, src, display.pixels, heatmaps, findings, regions, algo),
+        OutputKind.GSPS: partial(
+            build_findings_gsps,
+            src,
+            regions,
+            findings,
+            algo,
+            pixels_inverted=display.inverted_by_heuristic,
+        ),
+    }
+    outputs: list[Output] = []
+    for kind, build in builders.items():
+        # SR, report and SC always (the dashboard shows the SC); a GSPS only for a destination that asks.
+        if kind == OutputKind.GSPS and kind not in wanted:
+            continue
+        ids = uids(kind)
+        ds = build(**ids)
+        outputs.append(Output(kind, ids["sop_instance_uid"], _write(ds, out_dir / f"{kind}-{n}.dcm")))
+    return outputs

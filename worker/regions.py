@@ -204,7 +204,9 @@ def _douglas_peucker(points: list[tuple[int, int]], tolerance: float) -> list[tu
 
 
 def _area(points: Sequence[Point]) -> float:
-    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, [*points[1:], points[0]]))
+    return 0.5 * sum(
+        x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, [*points[1:], points[0]], strict=True)
+    )
 
 
 def _clip(point: Point, rows: int, columns: int) -> Point:

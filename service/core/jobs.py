@@ -48,3 +48,8 @@ def transition(
     if moved:
         session.add(JobEvent(job_id=job_id, status=to, reason_code=reason_code, at=now))
     return moved
+
+
+def record_event(session: Session, job_id: str, status: JobStatus, reason_code: str) -> None:
+    """An event without a move: something that went wrong in a stage without failing the job."""
+    session.add(JobEvent(job_id=job_id, status=status, reason_code=reason_code, at=datetime.now(UTC)))

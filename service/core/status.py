@@ -44,6 +44,8 @@ class ReasonCode(StrEnum):
     SPOOL_FILE_MISSING = "spool_file_missing"
     INFERENCE_ERROR = "inference_error"
     OUTPUT_BUILD_ERROR = "output_build_error"
+    # A present finding whose heatmap region could not be built: the reports carry it without a region.
+    REGION_NOT_BUILT = "region_not_built"
     DELIVERY_REFUSED = "delivery_refused"
     DELIVERY_UNREACHABLE = "delivery_unreachable"
     INTERNAL_ERROR = "internal_error"

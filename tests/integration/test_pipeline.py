@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,10 +59,10 @@ def _enqueue_files(rt: Runtime, files: list[Path]) -> str:
         return job.id
 
 
-def test_chest_study_gives_sr_and_sc_and_deliveries(runtime: Runtime, shared_dir: Path) -> None:
+def test_chest_study_gives_reports_sc_and_deliveries(runtime: Runtime, shared_dir: Path) -> None:
     job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     delivery_ids = process_study(job_id, runtime)
-    assert len(delivery_ids) == 2  # SR + SC to one destination
+    assert len(delivery_ids) == 3  # measurement SR + results SR + SC to one destination
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.status == JobStatus.DONE
@@ -69,8 +70,14 @@ def test_chest_study_gives_sr_and_sc_and_deliveries(runtime: Runtime, shared_dir
         image = job.result["images"][0]
         assert image["inverted_by_label"] is True
         assert len(image["probabilities"]) == 14
+        assert image["score_kind"] == "score"  # the shipped demonstration bundle is not calibrated
+        assert (image["rows"], image["columns"]) == (1955, 1841)
+        assert [r["label"] for r in image["regions"]] == image["present"]
+        for region in image["regions"]:
+            assert region["polygon"][0] == region["polygon"][-1]
+            assert all(0 <= x <= 1841 and 0 <= y <= 1955 for x, y in region["polygon"])
         kinds = sorted(d.kind for d in s.scalars(select(Delivery)))
-        assert kinds == ["sc", "sr"]
+        assert kinds == ["report", "sc", "sr"]
         events = s.scalars(select(JobEvent.status).where(JobEvent.job_id == job_id)).all()
         assert events[-2:] == [JobStatus.RUNNING, JobStatus.DONE]
         paths = [runtime.settings.output_dir / d.output_path for d in s.scalars(select(Delivery))]
@@ -99,7 +106,7 @@ def test_non_chest_study_is_skipped_with_a_reason_and_a_not_analysed_sr(
         assert job.status == JobStatus.SKIPPED
         assert job.reason_code == reason
         delivery = s.scalars(select(Delivery)).one()
-        assert delivery.kind == "sr"
+        assert delivery.kind == "report"  # a text report stands in for both SRs
         out = runtime.settings.output_dir / delivery.output_path
     assert dciodvfy_errors(out) == []
     assert "not for diagnostic use" in str(dcmread(out).SeriesDescription).lower()
@@ -270,11 +277,12 @@ def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.status == JobStatus.DONE
-        assert len(s.scalars(select(Delivery)).all()) == 2
+        assert len(s.scalars(select(Delivery)).all()) == 3
         events = s.scalars(select(JobEvent.status).where(JobEvent.job_id == job_id)).all()
         assert events.count(JobStatus.DONE) == 1 and JobStatus.FAILED not in events
     out_dir = runtime.settings.output_dir / job_id
-    assert sorted(p.name for p in out_dir.iterdir()) == ["sc-1.dcm", "sr-1.dcm"]  # no temp files left
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["report-1.dcm", "sc-1.dcm", "sr-1.dcm"]  # no temp files left
 
 
 def test_a_failure_never_overwrites_a_result_another_run_recorded(runtime: Runtime, shared_dir: Path) -> None:
@@ -297,3 +305,54 @@ def test_a_failure_never_overwrites_a_result_another_run_recorded(runtime: Runti
         pipeline._analyse = real_analyse
     with runtime.sessions() as s:
         assert s.get(Job, job_id).status == JobStatus.DONE  # type: ignore[union-attr]
+
+
+def test_each_destination_gets_the_outputs_it_asks_for(tmp_path: Path, shared_dir: Path) -> None:
+    settings = load_settings(
+        data_dir=tmp_path,
+        destinations=[
+            Destination(ae_title="PACS", host="127.0.0.1", port=104, outputs=["sr", "report", "sc", "gsps"]),
+            Destination(ae_title="VNA", host="127.0.0.1", port=105, outputs=["sc"]),
+        ],
+    )
+    migrate(settings)
+    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
+    job_id = _enqueue_files(rt, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    process_study(job_id, rt)
+    with rt.sessions() as s:
+        rows = s.scalars(select(Delivery)).all()
+        by_peer = {ae: sorted(d.kind for d in rows if d.ae_title == ae) for ae in ("PACS", "VNA")}
+        paths = {d.kind: settings.output_dir / d.output_path for d in rows}
+    assert by_peer == {"PACS": ["gsps", "report", "sc", "sr"], "VNA": ["sc"]}
+    gsps = dcmread(paths["gsps"])
+    assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
+    assert dciodvfy_errors(paths["gsps"]) == []
+
+
+def test_a_region_that_cannot_be_built_costs_only_the_region(
+    runtime: Runtime, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.pipeline as pipeline
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise ValueError("malformed heatmap")
+
+    monkeypatch.setattr(pipeline, "finding_region", broken)
+    # Every finding present at a zero operating point, so every one needs a region.
+    predictor = runtime.predictor
+    points = dict.fromkeys(predictor.bundle.labels, 0.0)
+    monkeypatch.setattr(predictor, "bundle", dataclasses.replace(predictor.bundle, operating_points=points))
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    assert len(process_study(job_id, runtime)) == 3
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.DONE
+        assert job.result is not None
+        assert job.result["images"][0]["regions"] == []
+        assert {n["reason"] for n in job.result["notes"]} == {ReasonCode.REGION_NOT_BUILT}
+        reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == job_id)).all()
+        assert ReasonCode.REGION_NOT_BUILT in reasons
+        sr = next(d for d in s.scalars(select(Delivery)) if d.kind == "sr")
+        sr_path = runtime.settings.output_dir / sr.output_path
+    assert dciodvfy_errors(sr_path) == []
+    assert "Measurement Group" not in str(dcmread(sr_path))  # no group without its region

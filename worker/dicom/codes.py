@@ -29,11 +29,16 @@ __all__ = [
     "LOCAL_SCHEME_DESIGNATOR",
     "NIH_LABELS",
     "NO_UNITS",
+    "OPERATING_POINT",
+    "PERCENT",
     "PRESENT",
     "PROBABILITY",
     "PROCESSING_EQUIPMENT",
+    "SCORE_UNIT",
+    "XRAY_REPORT",
     "display_name",
     "finding_code",
+    "value_concept",
     "value_name",
 ]
 
@@ -56,6 +61,13 @@ PROBABILITY: Final = _concept(codes.DCM.Probability)  # DCM 122157
 PRESENT: Final = _concept(codes.SCT.Present)  # SCT 52101004
 ABSENT: Final = _concept(codes.SCT.Absent)  # SCT 272519000
 NO_UNITS: Final = _concept(codes.UCUM.NoUnits)  # UCUM "1"
+# Viewers print the unit's code value after the number: "%" for probabilities, the UCUM annotation
+# "{score}" (dimensionless) for uncalibrated outputs, where "1" would read as a number.
+PERCENT: Final = CodedConcept(value="%", scheme_designator="UCUM", meaning="percent")
+SCORE_UNIT: Final = CodedConcept(value="{score}", scheme_designator="UCUM", meaning="score")
+# Document title of the results report: CID 7000 (TID 2000), so viewers show it as text.
+XRAY_REPORT: Final = _concept(codes.cid7000.XRayReport)  # LN 43468-8
+IMPRESSION: Final = _concept(codes.DCM.Impression)  # DCM 121073
 # Contributing Equipment purpose: CID 7005 has no "Processing Algorithm" concept (and highdicom only
 # accepts CID 7005 codes), so the algorithm is declared as Processing Equipment (DCM 109102).
 PROCESSING_EQUIPMENT: Final = _concept(codes.DCM.ProcessingEquipment)
@@ -74,6 +86,10 @@ LOCAL_CODING_SCHEME: Final = CodingSchemeIdentificationItem(
 )
 
 # Shared instances: pass `finding_code(label)` (a copy) into datasets you will modify.
+OPERATING_POINT: Final = CodedConcept(
+    value="OPERATING_POINT", scheme_designator=LOCAL_SCHEME_DESIGNATOR, meaning="Operating point"
+)
+
 FINDING_CODES: Final[dict[str, CodedConcept]] = {
     "Atelectasis": _sct("46621007", "Atelectasis"),
     "Cardiomegaly": _concept(codes.SCT.Cardiomegaly),  # 287272002
@@ -114,6 +130,39 @@ DISPLAY_NAMES: Final[dict[str, str]] = {
 def finding_code(label: str) -> CodedConcept:
     """A fresh copy of the code for an NIH label (KeyError for unknown labels)."""
     return deepcopy(FINDING_CODES[label])
+
+
+# Short stems for the local value codes (Code Value is SH: 16 characters at most).
+_STEMS: Final[dict[str, str]] = {
+    "Atelectasis": "ATEL",
+    "Cardiomegaly": "CARDIOMEG",
+    "Effusion": "EFFUSION",
+    "Infiltration": "INFILTR",
+    "Mass": "MASS",
+    "Nodule": "NODULE",
+    "Pneumonia": "PNEUMONIA",
+    "Pneumothorax": "PNEUMOTHORAX",
+    "Consolidation": "CONSOLID",
+    "Edema": "EDEMA",
+    "Emphysema": "EMPHYSEMA",
+    "Fibrosis": "FIBROSIS",
+    "Pleural_Thickening": "PLEURAL_THICK",
+    "Hernia": "HERNIA",
+}
+
+
+def value_concept(label: str, calibrated: bool) -> CodedConcept:
+    """Local concept naming a finding's value, e.g. (PNEUMOTHORAX-S, 99CXR, "Pneumothorax score").
+
+    Viewers label a measurement with its concept name (OHIF: the NUM's Code Meaning), and DCM 122157
+    "Probability" would read the same for every finding. TID 1501 measurement names are extensible.
+    """
+    suffix = "P" if calibrated else "S"
+    return CodedConcept(
+        value=f"{_STEMS[label]}-{suffix}",
+        scheme_designator=LOCAL_SCHEME_DESIGNATOR,
+        meaning=value_name(label, calibrated),
+    )
 
 
 def value_name(label: str, calibrated: bool) -> str:

@@ -1,10 +1,14 @@
-"""Heatmap Secondary Capture: the X-ray with the top findings' heatmaps burned in, plus a legend.
+"""Heatmap Secondary Capture: what the measurement report says, burned into a picture.
 
-Layout: the display image (downscaled so the whole picture fits `max_side`) on the left, a black
-legend panel on the right with the disclaimer, the findings (colour, name, probability), the heat
-scale and the algorithm. Only algorithm information is written into the pixels, never anything from
-the patient/study header. The image part keeps the source's orientation and aspect, so Patient
-Orientation and (scaled) Pixel Spacing still hold for it.
+Layout: the display image (scaled so the whole picture fits `max_side`) on the left, with a heat
+overlay, the region outline (worker.regions, the same polygons as the SR's image regions) and a number
+for each finding present at its operating point; a black legend panel on the right with the
+disclaimer, a line saying how many findings are above their operating points (or that none is), the
+14 values in a compact table (number, name, value, operating point; present rows in their colour), the
+heat scale and the algorithm. Values are called probabilities only for a calibrated bundle. Only
+algorithm information is written into the pixels, never anything from the patient/study header. The
+image part keeps the source's orientation and aspect, so Patient Orientation and (scaled) Pixel
+Spacing still hold for it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
 from worker.dicom.codes import display_name
-from worker.dicom.sr import AlgorithmInfo, contributing_equipment, source_header
+from worker.dicom.sr import AlgorithmInfo, FindingResult, contributing_equipment, source_header
+from worker.regions import Region, scale_polygon
 
 __all__ = ["HEATMAP_SERIES_SUFFIX", "build_heatmap_sc", "render_heatmap_rgb"]
 
@@ -31,11 +36,20 @@ HEATMAP_SERIES_SUFFIX = "AI heatmap - not for diagnostic use"
 _DISCLAIMER_LINES = ("AI-generated heatmap", "NOT for diagnostic use")
 
 RGB = tuple[int, int, int]
-# Distinct hues, in rank order; the top finding is drawn last, i.e. on top.
-_HUES: tuple[RGB, ...] = ((235, 30, 30), (0, 200, 255), (120, 255, 40))
+# Distinct hues for the present findings, by score; they repeat beyond eight (rare at sane thresholds).
+_HUES: tuple[RGB, ...] = (
+    (235, 30, 30),
+    (0, 200, 255),
+    (120, 255, 40),
+    (255, 160, 0),
+    (220, 80, 255),
+    (255, 255, 60),
+    (0, 230, 170),
+    (255, 120, 180),
+)
+_GREY: RGB = (170, 170, 170)
 _MIN_HEAT = 0.2  # below this, no colour at all: weak activations are noise, not localisation
-_CONTOUR_HEAT = 0.5
-_MAX_ALPHA = 0.55
+_MAX_ALPHA = 0.45
 _PANEL_RATIO = 0.36  # legend panel width relative to image height
 _MIN_LONG_SIDE = 1024  # small sources are enlarged so the legend stays legible
 # Names are copied verbatim from the source; highdicom's advice on their form is only log noise here.
@@ -58,21 +72,23 @@ class _Rendered:
 def render_heatmap_rgb(
     image: npt.NDArray[np.floating],
     heatmaps: Mapping[str, npt.NDArray[np.floating]],
-    probabilities: Mapping[str, float],
+    findings: Sequence[FindingResult],
+    regions: Sequence[Region],
     *,
+    calibrated: bool = False,
     caption: str = "",
     max_side: int = 2048,
-    max_findings: int = 3,
 ) -> npt.NDArray[np.uint8]:
     """Render the heatmap picture as an (rows, columns, 3) uint8 RGB array.
 
     `image`: display pixels in [0, 1] (bone bright); `heatmaps`: NIH label → 2-D heat in [0, 1] at
-    any resolution covering the whole image; `probabilities`: NIH label → probability. The
-    `max_findings` most probable findings that have a heatmap are overlaid. `caption` (e.g. the
-    algorithm name and version) is written at the foot of the legend.
+    any resolution covering the whole image; `findings`: every finding's value and operating point;
+    `regions`: the present findings' regions in `image` pixel coordinates. Only findings present at
+    their operating point are drawn on the image. `caption` (e.g. the algorithm name and version) is
+    written at the foot of the legend.
     """
     return _render(
-        image, heatmaps, probabilities, caption=caption, max_side=max_side, max_findings=max_findings
+        image, heatmaps, findings, regions, calibrated=calibrated, caption=caption, max_side=max_side
     ).rgb
 
 
@@ -80,7 +96,8 @@ def build_heatmap_sc(
     source: pydicom.Dataset,
     image: npt.NDArray[np.floating],
     heatmaps: Mapping[str, npt.NDArray[np.floating]],
-    probabilities: Mapping[str, float],
+    findings: Sequence[FindingResult],
+    regions: Sequence[Region],
     algorithm: AlgorithmInfo,
     *,
     series_instance_uid: str,
@@ -97,10 +114,11 @@ def build_heatmap_sc(
     rendered = _render(
         pixels,
         heatmaps,
-        probabilities,
+        findings,
+        regions,
+        calibrated=algorithm.calibrated,
         caption=f"{algorithm.name} {algorithm.version}",
         max_side=max_side,
-        max_findings=3,
     )
     header = source_header(source)
 
@@ -140,7 +158,8 @@ def build_heatmap_sc(
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = (
-        f"Heatmaps of the top findings by {algorithm.name} {algorithm.version} "
+        f"Heatmaps and regions of the findings above their operating points by {algorithm.name} "
+        f"{algorithm.version} "
         f"(bundle {algorithm.bundle_hash}) over the source image; AI-generated, not for diagnostic use"
     )[:1024]
     reference = pydicom.Dataset()
@@ -164,11 +183,12 @@ def build_heatmap_sc(
 def _render(
     image: npt.NDArray[np.floating],
     heatmaps: Mapping[str, npt.NDArray[np.floating]],
-    probabilities: Mapping[str, float],
+    findings: Sequence[FindingResult],
+    regions: Sequence[Region],
     *,
+    calibrated: bool,
     caption: str,
     max_side: int,
-    max_findings: int,
 ) -> _Rendered:
     grey = np.asarray(image, dtype=np.float32)
     if grey.ndim != 2 or min(grey.shape) < 2:
@@ -187,33 +207,42 @@ def _render(
     panel_width = max(1, min(max_side - width, round(_PANEL_RATIO * height)))
     grey_small = _resize(grey, width, height)
 
-    chosen = _top_findings(heatmaps, probabilities, max_findings)
+    numbers = _numbering(findings, regions)
+    x_factor, y_factor = width / columns, height / rows
+    outlines = {r.label: scale_polygon(r.polygon, x_factor, y_factor) for r in regions}
     picture = np.repeat(grey_small[:, :, None], 3, axis=2)
-    contours: list[tuple[RGB, npt.NDArray[np.bool_], int, tuple[int, int]]] = []
-    # Paint the least probable first so the most probable ends up on top.
-    for rank in reversed(range(len(chosen))):
-        label = chosen[rank]
-        heat = np.clip(np.nan_to_num(_resize(_as_heatmap(label, heatmaps[label]), width, height)), 0.0, 1.0)
-        colour = np.asarray(_HUES[rank], dtype=np.float32) / 255.0
+    # Heat is tinted inside each outline only, so the picture shows the reported regions and nothing
+    # else; the lowest-scoring finding is painted first, so the highest ends up on top.
+    for region in sorted(regions, key=lambda r: numbers[r.label], reverse=True):
+        if region.label not in heatmaps:
+            continue
+        heat = _resize(_as_heatmap(region.label, heatmaps[region.label]), width, height)
+        heat = np.clip(np.nan_to_num(heat), 0.0, 1.0) * _inside(outlines[region.label], width, height)
+        colour = np.asarray(_hue(numbers[region.label]), dtype=np.float32) / 255.0
         alpha = _MAX_ALPHA * np.clip((heat - _MIN_HEAT) / (1.0 - _MIN_HEAT), 0.0, 1.0)
         picture = picture * (1.0 - alpha[:, :, None]) + colour[None, None, :] * alpha[:, :, None]
-        peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        if float(heat.max()) >= _MIN_HEAT:
-            contours.append((_HUES[rank], heat >= _CONTOUR_HEAT, rank + 1, (int(peak[0]), int(peak[1]))))
 
     canvas = Image.new("RGB", (width + panel_width, height), (0, 0, 0))
     canvas.paste(Image.fromarray(np.round(picture * 255.0).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     unit = max(height, 400)
-    line = max(2, round(unit / 450))
-    for hue, mask, number, (peak_row, peak_col) in contours:
-        _draw_outline(canvas, mask, hue, line)
-        marker_font = _font(max(14, round(unit / 30)))
+    line = max(2, round(unit / 400))
+    marker_size = max(14, round(unit / 28))
+    marker_font = _font(marker_size)
+    for region in regions:
+        draw.line(outlines[region.label], fill=(0, 0, 0), width=line + 2, joint="curve")  # rim on bone
+        draw.line(outlines[region.label], fill=_hue(numbers[region.label]), width=line, joint="curve")
+    placed: list[tuple[float, float]] = []
+    for region in sorted(regions, key=lambda r: numbers[r.label]):
+        x, y = _free_spot(region.peak[0] * x_factor, region.peak[1] * y_factor, placed, marker_size)
+        x = min(max(x, marker_size / 2), width - marker_size / 2)
+        y = min(max(y, marker_size / 2), height - marker_size / 2)
+        placed.append((x, y))
         draw.text(
-            (peak_col, peak_row),
-            str(number),
+            (x, y),
+            str(numbers[region.label]),
             font=marker_font,
-            fill=hue,
+            fill=_hue(numbers[region.label]),
             anchor="mm",
             stroke_width=max(2, line),
             stroke_fill=(0, 0, 0),
@@ -223,20 +252,41 @@ def _render(
         left=width,
         width=panel_width,
         height=height,
-        findings=[(label, float(probabilities[label])) for label in chosen],
+        findings=findings,
+        numbers=numbers,
+        calibrated=calibrated,
         caption=caption,
     )
     return _Rendered(rgb=np.asarray(canvas, dtype=np.uint8), image_rows=height, image_columns=width)
 
 
-def _top_findings(
-    heatmaps: Mapping[str, npt.NDArray[np.floating]], probabilities: Mapping[str, float], limit: int
-) -> list[str]:
-    candidates = [
-        label for label in probabilities if label in heatmaps and math.isfinite(probabilities[label])
-    ]
-    # Stable sort keeps the caller's (NIH) order among equal probabilities.
-    return sorted(candidates, key=lambda label: -float(probabilities[label]))[: max(0, limit)]
+def _numbering(findings: Sequence[FindingResult], regions: Sequence[Region]) -> dict[str, int]:
+    """1, 2, … for the present findings by falling score (ties keep NIH order): legend and markers."""
+    present = [f for f in findings if f.present and math.isfinite(f.score)]
+    ranked = sorted(present, key=lambda f: -f.score)
+    numbers = {f.label: n for n, f in enumerate(ranked, start=1)}
+    stray = [region.label for region in regions if region.label not in numbers]
+    if stray:
+        raise ValueError(f"regions for findings that are not present: {stray}")
+    return numbers
+
+
+def _inside(polygon: Sequence[tuple[float, float]], width: int, height: int) -> npt.NDArray[np.float32]:
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).polygon(list(polygon), fill=1)
+    return np.asarray(mask, dtype=np.float32)
+
+
+def _free_spot(x: float, y: float, placed: Sequence[tuple[float, float]], size: int) -> tuple[float, float]:
+    """(x, y), or the nearest spot below it that no placed marker covers: peaks of a coarse heatmap
+    often coincide, and two numbers drawn on one spot read as neither."""
+    while any(abs(x - px) < size and abs(y - py) < size for px, py in placed):
+        y += size
+    return x, y
+
+
+def _hue(number: int) -> RGB:
+    return _HUES[(number - 1) % len(_HUES)]
 
 
 def _as_heatmap(label: str, heat: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
@@ -257,32 +307,22 @@ def _resize(array: npt.NDArray[np.float32], width: int, height: int) -> npt.NDAr
     return np.asarray(image.resize((width, height), method), dtype=np.float32)
 
 
-def _draw_outline(canvas: Image.Image, mask: npt.NDArray[np.bool_], hue: RGB, thickness: int) -> None:
-    if not mask.any():
-        return
-    region = Image.fromarray(mask.astype(np.uint8) * 255)
-    size = 2 * thickness + 1
-    outline = np.asarray(region.filter(ImageFilter.MaxFilter(size)), dtype=np.int16) - np.asarray(
-        region.filter(ImageFilter.MinFilter(size)), dtype=np.int16
-    )
-    stroke = Image.fromarray((outline > 0).astype(np.uint8) * 255)
-    canvas.paste(Image.new("RGB", stroke.size, hue), (0, 0), stroke)
-
-
 def _draw_legend(
     draw: ImageDraw.ImageDraw,
     *,
     left: int,
     width: int,
     height: int,
-    findings: Sequence[tuple[str, float]],
+    findings: Sequence[FindingResult],
+    numbers: Mapping[str, int],
+    calibrated: bool,
     caption: str,
 ) -> None:
-    margin = max(6, round(width * 0.06))
+    margin = max(6, round(width * 0.05))
     inner = width - 2 * margin
     big = _fitting_font(draw, _DISCLAIMER_LINES, inner, max(10, round(height / 30)))
-    medium = _font(max(9, round(height / 38)))
-    small = _font(max(8, round(height / 52)))
+    medium = _font(max(9, round(height / 40)))
+    small = _font(max(8, round(height / 54)))
     x = left + margin
     y = margin
 
@@ -294,29 +334,69 @@ def _draw_legend(
 
     for text in _DISCLAIMER_LINES:
         write(text, big, (255, 215, 0))
-    y += _line_height(medium)
+    y += _line_height(small)
 
-    write("Findings (probability)", medium, (255, 255, 255))
+    count = len(numbers)
+    if count == 0:
+        write("No finding above its operating point", medium, (255, 255, 255))
+    else:
+        write(f"{count} finding{'s' if count > 1 else ''} above operating point", medium, (255, 255, 255))
     y += _line_height(small) // 2
-    bar_height = max(6, _line_height(small) // 2)
-    if not findings:
-        write("No finding heatmaps", medium, (200, 200, 200))
-    for rank, (label, probability) in enumerate(findings):
-        hue = _HUES[rank]
-        write(f"{rank + 1}  {display_name(label)}  {_percent(probability)}", medium, hue)
-        _gradient_bar(draw, x, y, inner, bar_height, hue)
-        y += bar_height + _line_height(small) // 2
-    if findings:
-        write(f"bar: heat {_MIN_HEAT:.1f} (clear) to 1.0;", small, (200, 200, 200))
-        write(f"outline at heat {_CONTOUR_HEAT:.1f}", small, (200, 200, 200))
+
+    # The table: every finding, present ones numbered and in their colour.
+    kind = "prob." if calibrated else "score"
+    columns = (x + inner, x + round(inner * 0.78))  # right edges of "op. pt" and the value
+    row_font = _fitting_rows_font(draw, findings, inner, small)
+    draw.text((x, y), "Finding", font=row_font, fill=(255, 255, 255))
+    draw.text((columns[1], y), kind, font=row_font, fill=(255, 255, 255), anchor="ra")
+    draw.text((columns[0], y), "op. pt", font=row_font, fill=(255, 255, 255), anchor="ra")
+    y += _line_height(row_font)
+    for finding in findings:
+        number = numbers.get(finding.label)
+        fill = _hue(number) if number else _GREY
+        name = display_name(finding.label)
+        draw.text((x, y), f"{number if number else ' '}  {name}", font=row_font, fill=fill)
+        draw.text((columns[1], y), _value(finding.score, calibrated), font=row_font, fill=fill, anchor="ra")
+        draw.text(
+            (columns[0], y), _value(finding.threshold, calibrated), font=row_font, fill=fill, anchor="ra"
+        )
+        y += _line_height(row_font)
+
+    if count:
+        y += _line_height(small) // 2
+        bar_height = max(6, _line_height(small) // 2)
+        _gradient_bar(draw, x, y, inner, bar_height, (255, 255, 255))
+        y += bar_height + 2
+        write(f"heat {_MIN_HEAT:.1f} (clear) to 1.0; outline at 50% of each finding's peak", small, _GREY)
 
     footer = [caption] if caption else []
-    footer.append("Overlay: top findings by probability")
+    if not calibrated:
+        footer.append("Scores are not calibrated probabilities")
     lines = [part for text in footer for part in _wrap(draw, text, small, inner)]
     y = max(y, height - margin - len(lines) * _line_height(small))
     for part in lines:
-        draw.text((x, y), part, font=small, fill=(200, 200, 200))
+        draw.text((x, y), part, font=small, fill=_GREY)
         y += _line_height(small)
+
+
+def _fitting_rows_font(
+    draw: ImageDraw.ImageDraw,
+    findings: Sequence[FindingResult],
+    width: int,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """`font`, or a smaller one in which the longest row fits `width` without overlapping its numbers."""
+    longest = max((f"00  {display_name(f.label)}  0.00  0.00" for f in findings), key=len, default="")
+    size = int(getattr(font, "size", 10))
+    while size > 8 and draw.textlength(longest, font=_font(size)) > width:
+        size -= 1
+    return _font(size)
+
+
+def _value(value: float, calibrated: bool) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return _percent(value) if calibrated else f"{value:.2f}"
 
 
 def _gradient_bar(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, height: int, hue: RGB) -> None:

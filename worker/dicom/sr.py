@@ -1,23 +1,31 @@
-"""DICOM Structured Reports for the AI results: a TID 1500 Measurement Report in a Comprehensive 3D SR.
+"""DICOM Structured Reports for the AI results. Two reports per analysed image, one when nothing was.
 
-Findings report (`build_findings_sr`), following IHE AI Results (AIR)::
+Viewers choose how to show an SR by its document title (docs/sr-design.md): OHIF sends "Imaging
+Measurement Report" (DCM 126000) to a measurement viewport that draws each Measurement Group's image
+region and labels it with the group's NUM, and crashes on a group without a region; any other title
+goes to a text viewport that prints the content tree. So:
 
-    Imaging Measurement Report (TID 1500)
-      Language, observation context (device observer = the algorithm), Procedure reported = chest X-ray
-      Image Library: the analysed source images
-      Imaging Measurements
-        one Measurement Group (TID 1501) per finding:
-          Tracking Identifier / UID, Finding = <finding code>,
-          Algorithm Identification (TID 4019): name, version, parameters bundle_hash=…, threshold=…
-          Probability (DCM 122157) = p, unit UCUM "1"
-          <finding code> = Present | Absent   (qualitative evaluation at the operating point)
-      Qualitative Evaluations
-        CAD Processing and Findings Summary = All algorithms succeeded; with | without findings
-        Comment = "AI-generated, not for diagnostic use. …"
+Measurement report (`build_findings_sr`): Comprehensive 3D SR, TID 1500 "Imaging Measurement Report"::
 
-"Not analysed" report (`build_not_analysed_sr`): the same header without Imaging Measurements
-(TID 1500 allows that when Qualitative Evaluations is present), summary "No algorithms succeeded;
-without findings" and one Comment per instance saying why.
+    Language, observation context (device observer = the algorithm), Procedure reported = chest X-ray
+    Image Library: the analysed source image
+    Imaging Measurements (only when a finding is present and localised)
+      one Planar ROI Measurement Group (TID 1410) per finding present at its operating point:
+        Tracking Identifier "<finding> (AI)" / Tracking UID, Finding = <finding code>,
+        Algorithm Identification (TID 4019): name, version, parameters bundle_hash=…, threshold=…
+        Image Region = SCOORD closed POLYLINE on the source image (worker.regions), SELECTED FROM it
+        NUM "<finding> score" (or "probability" for a calibrated bundle), the label a viewer shows
+        <finding code> = Present   (qualitative evaluation at the operating point)
+    Qualitative Evaluations
+      CAD Processing and Findings Summary = All algorithms succeeded; with | without findings
+      Comment = "AI-generated, not for diagnostic use. …", the operating points
+
+Results report (`build_results_sr`): Comprehensive SR, TID 2000 "X-Ray Report" (LOINC 43468-8,
+CID 7000), so that viewers print it as text: every finding's value, Present/Absent at its operating
+point, the algorithm and the disclaimer.
+
+"Not analysed" report (`build_not_analysed_sr`): the same TID 2000 shape, with a reason per received
+instance.
 """
 
 from __future__ import annotations
@@ -28,25 +36,26 @@ from copy import deepcopy
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
     CodedConcept,
-    Comprehensive3DSR,
     ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
     ImageContentItem,
+    ImageRegion,
     LanguageOfContentItemAndDescendants,
     Measurement,
-    MeasurementReport,
-    MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
@@ -60,21 +69,27 @@ from worker.dicom.codes import (
     AI_DISCLAIMER,
     CHEST_XRAY_PROCEDURE,
     FINDING_CODES,
+    IMPRESSION,
     LOCAL_CODING_SCHEME,
-    LOCAL_SCHEME_DESIGNATOR,
-    NO_UNITS,
+    OPERATING_POINT,
+    PERCENT,
     PRESENT,
-    PROBABILITY,
     PROCESSING_EQUIPMENT,
+    SCORE_UNIT,
+    XRAY_REPORT,
+    display_name,
     finding_code,
+    value_concept,
 )
 from worker.dicom.uids import derive_uid
+from worker.regions import Region
 
 __all__ = [
     "AlgorithmInfo",
     "FindingResult",
     "build_findings_sr",
     "build_not_analysed_sr",
+    "build_results_sr",
     "contributing_equipment",
     "series_description",
     "source_header",
@@ -136,15 +151,16 @@ class AlgorithmInfo:
 
 @dataclass(frozen=True)
 class FindingResult:
-    """One finding's output: NIH label, calibrated probability and the operating-point threshold."""
+    """One finding's output: NIH label, the model's value (a probability only when the bundle is
+    calibrated) and the operating-point threshold."""
 
     label: str
-    probability: float
+    score: float
     threshold: float
 
     @property
     def present(self) -> bool:
-        return self.probability >= self.threshold
+        return self.score >= self.threshold
 
 
 def series_description(kind: str) -> str:
@@ -171,70 +187,137 @@ def contributing_equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment
 
 
 def build_findings_sr(
-    sources: Sequence[pydicom.Dataset],
+    source: pydicom.Dataset,
     findings: Sequence[FindingResult],
     algorithm: AlgorithmInfo,
     *,
+    regions: Sequence[Region] = (),
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int = 9901,
     instance_number: int = 1,
 ) -> pydicom.Dataset:
-    """Build the findings SR for the analysed `sources` (images of one study) and their `findings`."""
-    if not sources:
-        raise ValueError("build_findings_sr needs at least one source image")
-    if not findings:
-        raise ValueError("build_findings_sr needs at least one finding")
-    labels = [finding.label for finding in findings]
-    unknown = sorted(set(labels) - FINDING_CODES.keys())
-    if unknown:
-        raise ValueError(f"unknown finding labels: {unknown}")
-    if len(set(labels)) != len(labels):
-        raise ValueError("each finding label may appear only once")
-    for finding in findings:
-        if not 0.0 <= finding.probability <= 1.0 or not 0.0 <= finding.threshold <= 1.0:
-            raise ValueError(f"{finding.label}: probability and threshold must lie in [0, 1]")
+    """The measurement report for one analysed image: a localised group per present finding.
 
-    evidence = _evidence(sources)
-    source_refs = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence]
+    ``regions`` lie on ``source``, one per label at most. A present finding without a region gets no
+    group (a group without an image region breaks viewers); the results report still lists it.
+    """
+    _check_findings(findings)
+    by_label = {region.label: region for region in regions}
+    if len(by_label) != len(regions):
+        raise ValueError("each finding may have one region only")
+    known = {finding.label for finding in findings}
+    if set(by_label) - known:
+        raise ValueError(f"regions for unknown findings: {sorted(set(by_label) - known)}")
+    (image,) = _evidence([source])
+    rows, columns = _image_size(image)
+
     groups = [
-        _finding_group(finding, algorithm, sop_instance_uid=sop_instance_uid, source_refs=source_refs)
+        _finding_group(
+            finding,
+            by_label[finding.label],
+            algorithm,
+            source=image,
+            rows=rows,
+            columns=columns,
+            sop_instance_uid=sop_instance_uid,
+        )
         for finding in findings
+        if finding.present and finding.label in by_label
     ]
-    report = MeasurementReport(
-        observation_context=_observation_context(algorithm),
-        procedure_reported=deepcopy(CHEST_XRAY_PROCEDURE),
-        imaging_measurements=groups,
-        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(deepcopy(_LANGUAGE)),
-    )
-    # Image Library (TID 1600) goes right after Procedure reported, before Imaging Measurements.
-    root_items = report[0].ContentSequence
-    root_items.insert(len(root_items) - 1, _image_library(evidence))
-    any_present = any(finding.present for finding in findings)
-    summary = _ALL_SUCCEEDED_WITH_FINDINGS if any_present else _ALL_SUCCEEDED_WITHOUT_FINDINGS
-    operating = ", ".join(f"{f.label} {f.threshold:.4f}" for f in findings)
-    report[0].ContentSequence.append(
-        _qualitative_evaluations(
-            summary,
-            [
-                f"{AI_DISCLAIMER}. {algorithm.name} {algorithm.version} (bundle {algorithm.bundle_hash}).",
-                f"Present/Absent at the operating-point thresholds: {operating}.",
-            ],
+    content = _report_header(algorithm)
+    content.append(
+        CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=deepcopy(CHEST_XRAY_PROCEDURE),
+            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     )
-    uses_local_codes = any(
-        FINDING_CODES[label].scheme_designator == LOCAL_SCHEME_DESIGNATOR for label in labels
-    )
+    content.append(_image_library([image]))
+    if groups:
+        measurements = ContainerContentItem(
+            name=codes.DCM.ImagingMeasurements, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+        measurements.ContentSequence = hd.sr.ContentSequence()
+        for group in groups:
+            measurements.ContentSequence.extend(group)
+        content.append(measurements)
+    present = [finding for finding in findings if finding.present]
+    summary = _ALL_SUCCEEDED_WITH_FINDINGS if present else _ALL_SUCCEEDED_WITHOUT_FINDINGS
+    texts = [f"{AI_DISCLAIMER}. {algorithm.name} {algorithm.version} (bundle {algorithm.bundle_hash})."]
+    texts.append(_present_sentence(present, algorithm))
+    unlocalised = [finding.label for finding in present if finding.label not in by_label]
+    if unlocalised:
+        names = ", ".join(display_name(label) for label in unlocalised)
+        texts.append(f"Present but not localised (no image region): {names}.")
+    content.append(_qualitative_evaluations(summary, texts))
+    root = ContainerContentItem(name=deepcopy(codes.cid7021.ImagingMeasurementReport), template_id="1500")
+    root.ContentSequence = content
     return _document(
-        evidence,
-        report[0],
+        hd.sr.Comprehensive3DSR,
+        [image],
+        root,
         algorithm,
         description=series_description(f"{algorithm.name} findings"),
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,
         series_number=series_number,
         instance_number=instance_number,
-        local_codes=uses_local_codes,
+        local_codes=True,  # the value names are local codes
+    )
+
+
+def build_results_sr(
+    source: pydicom.Dataset,
+    findings: Sequence[FindingResult],
+    algorithm: AlgorithmInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9904,
+    instance_number: int = 1,
+) -> pydicom.Dataset:
+    """The results report for one analysed image: every finding, readable as text in any viewer."""
+    _check_findings(findings)
+    (image,) = _evidence([source])
+    present = [finding for finding in findings if finding.present]
+    impression = [
+        _present_sentence(present, algorithm),
+        f"{AI_DISCLAIMER}. {algorithm.name} {algorithm.version} (bundle {algorithm.bundle_hash}).",
+    ]
+    if not algorithm.calibrated:
+        impression.append("Scores are model outputs in [0, 1], not calibrated probabilities.")
+    rows: list[hd.sr.ContentItem] = []
+    for finding in findings:
+        item = CodeContentItem(
+            name=finding_code(finding.label),
+            value=deepcopy(PRESENT if finding.present else ABSENT),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+        item.ContentSequence = hd.sr.ContentSequence(
+            [
+                _value_item(finding, algorithm, RelationshipTypeValues.HAS_PROPERTIES),
+                NumContentItem(
+                    name=deepcopy(OPERATING_POINT),
+                    value=_shown(finding.threshold, algorithm),
+                    unit=deepcopy(_value_unit(algorithm)),
+                    relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
+                ),
+            ]
+        )
+        rows.append(item)
+    root = _text_report(algorithm, impression=impression, findings=rows)
+    return _document(
+        hd.sr.ComprehensiveSR,
+        [image],
+        root,
+        algorithm,
+        description=series_description(f"{algorithm.name} results"),
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        local_codes=True,
     )
 
 
@@ -248,41 +331,29 @@ def build_not_analysed_sr(
     series_number: int = 9901,
     instance_number: int = 1,
 ) -> pydicom.Dataset:
-    """Build an SR saying the study was not analysed, with a reason per received instance.
+    """An SR saying the study was not analysed, with a reason per received instance.
 
     `sources` are the received instances (images or not; pixel data is not needed); `reasons` maps
-    SOP Instance UID → reason text (e.g. a `ReasonCode` value). Image sources are listed in the Image
-    Library; all sources appear in the Current Requested Procedure Evidence Sequence.
+    SOP Instance UID → reason text (e.g. a `ReasonCode` value). All sources appear in the Current
+    Requested Procedure Evidence Sequence.
     """
     if not sources:
         raise ValueError("build_not_analysed_sr needs at least one received instance as evidence")
     evidence = _evidence(sources)
-    images = [ds for ds in evidence if _is_image(ds)]
-
-    root = ContainerContentItem(name=deepcopy(codes.cid7021.ImagingMeasurementReport), template_id="1500")
-    content = hd.sr.ContentSequence()
-    content.extend(LanguageOfContentItemAndDescendants(deepcopy(_LANGUAGE)))
-    content.extend(_observation_context(algorithm))
-    content.append(
-        CodeContentItem(
-            name=codes.DCM.ProcedureReported,
-            value=deepcopy(CHEST_XRAY_PROCEDURE),
-            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
-        )
-    )
-    if images:
-        content.append(_image_library(images))
-
     known = {str(ds.SOPInstanceUID) for ds in evidence}
-    texts = [f"Study not analysed. {AI_DISCLAIMER}. {algorithm.name} {algorithm.version}."]
+    notes: list[hd.sr.ContentItem] = []
     for uid, reason in sorted(reasons.items()):
         where = "" if uid in known else " (instance not in evidence)"
-        texts.append(f"Not analysed: {reason}. SOP Instance UID {uid}{where}.")
+        notes.append(_comment(f"Not analysed: {reason}. SOP Instance UID {uid}{where}."))
     if not reasons:
-        texts.append("Not analysed: no reason given.")
-    content.append(_qualitative_evaluations(_NONE_SUCCEEDED, texts))
-    root.ContentSequence = content
+        notes.append(_comment("Not analysed: no reason given."))
+    impression = [
+        "Study not analysed: no image met the algorithm's input criteria.",
+        f"{AI_DISCLAIMER}. {algorithm.name} {algorithm.version}.",
+    ]
+    root = _text_report(algorithm, impression=impression, findings=notes)
     return _document(
+        hd.sr.ComprehensiveSR,
         evidence,
         root,
         algorithm,
@@ -292,11 +363,35 @@ def build_not_analysed_sr(
         series_number=series_number,
         instance_number=instance_number,
         local_codes=False,
-        is_complete=True,
     )
 
 
+def _check_findings(findings: Sequence[FindingResult]) -> None:
+    if not findings:
+        raise ValueError("a report needs at least one finding")
+    labels = [finding.label for finding in findings]
+    unknown = sorted(set(labels) - FINDING_CODES.keys())
+    if unknown:
+        raise ValueError(f"unknown finding labels: {unknown}")
+    if len(set(labels)) != len(labels):
+        raise ValueError("each finding label may appear only once")
+    for finding in findings:
+        if not 0.0 <= finding.score <= 1.0 or not 0.0 <= finding.threshold <= 1.0:
+            raise ValueError(f"{finding.label}: score and threshold must lie in [0, 1]")
+
+
+def _present_sentence(present: Sequence[FindingResult], algorithm: AlgorithmInfo) -> str:
+    if not present:
+        return "No finding above its operating point."
+    kind = "probability" if algorithm.calibrated else "score"
+    parts = [
+        f"{display_name(f.label)} ({kind} {f.score:.2f}, operating point {f.threshold:.2f})" for f in present
+    ]
+    return f"Above the operating point: {'; '.join(parts)}."
+
+
 def _document(
+    sr_class: type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR],
     evidence: Sequence[pydicom.Dataset],
     root: pydicom.Dataset,
     algorithm: AlgorithmInfo,
@@ -307,12 +402,11 @@ def _document(
     series_number: int,
     instance_number: int,
     local_codes: bool,
-    is_complete: bool = True,
 ) -> pydicom.Dataset:
     with warnings.catch_warnings():
         # Names are copied verbatim from the source; highdicom's advice on their form is log noise here.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
-        sr = Comprehensive3DSR(
+        sr = sr_class(
             evidence=evidence,
             content=root,
             series_instance_uid=series_instance_uid,
@@ -320,7 +414,7 @@ def _document(
             sop_instance_uid=sop_instance_uid,
             instance_number=instance_number,
             manufacturer=algorithm.manufacturer,
-            is_complete=is_complete,
+            is_complete=True,
             is_final=False,  # unverified machine output: preliminary by definition
             is_verified=False,
             contributing_equipment=[contributing_equipment(algorithm)],
@@ -332,13 +426,76 @@ def _document(
     return sr
 
 
+def _report_header(algorithm: AlgorithmInfo) -> hd.sr.ContentSequence:
+    content = hd.sr.ContentSequence()
+    content.extend(LanguageOfContentItemAndDescendants(deepcopy(_LANGUAGE)))
+    content.extend(_observation_context(algorithm))
+    return content
+
+
+def _text_report(
+    algorithm: AlgorithmInfo, *, impression: Sequence[str], findings: Sequence[hd.sr.ContentItem]
+) -> ContainerContentItem:
+    """TID 2000 root: header, an Impressions section (text) and a Findings section."""
+    content = _report_header(algorithm)
+    for heading, items in (
+        (codes.DCM.Impressions, [_comment(text, name=IMPRESSION) for text in impression]),
+        (codes.DCM.Findings, list(findings)),
+    ):
+        section = ContainerContentItem(
+            name=deepcopy(heading),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+            is_content_continuous=False,
+        )
+        section.ContentSequence = hd.sr.ContentSequence(items)
+        content.append(section)
+    # SEPARATE: text viewers (OHIF) hide concept names inside CONTINUOUS containers.
+    root = ContainerContentItem(name=deepcopy(XRAY_REPORT), template_id="2000", is_content_continuous=False)
+    root.ContentSequence = content
+    return root
+
+
+def _comment(text: str, name: CodedConcept | None = None) -> TextContentItem:
+    return TextContentItem(
+        name=deepcopy(name or _COMMENT),
+        value=_truncate(text, _UT_SAFE),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _value_unit(algorithm: AlgorithmInfo) -> CodedConcept:
+    return PERCENT if algorithm.calibrated else SCORE_UNIT
+
+
+def _shown(value: float, algorithm: AlgorithmInfo) -> float:
+    """A value in [0, 1] as the report shows it: percent for probabilities, else as it is."""
+    scaled = 100.0 * float(value) if algorithm.calibrated else float(value)
+    # Rounded so the DS value (max 16 chars) is exact and stable across platforms.
+    return round(scaled, 6)
+
+
+def _value_item(
+    finding: FindingResult, algorithm: AlgorithmInfo, relationship: RelationshipTypeValues
+) -> NumContentItem:
+    """The finding's value, named so a viewer's label reads as the finding ("Effusion score")."""
+    return NumContentItem(
+        name=value_concept(finding.label, algorithm.calibrated),
+        value=_shown(finding.score, algorithm),
+        unit=deepcopy(_value_unit(algorithm)),
+        relationship_type=relationship,
+    )
+
+
 def _finding_group(
     finding: FindingResult,
+    region: Region,
     algorithm: AlgorithmInfo,
     *,
+    source: pydicom.Dataset,
+    rows: int,
+    columns: int,
     sop_instance_uid: str,
-    source_refs: Sequence[SourceImageForMeasurementGroup],
-) -> MeasurementsAndQualitativeEvaluations:
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     code = finding_code(finding.label)
     algorithm_id = AlgorithmIdentification(
         name=algorithm.name,
@@ -346,28 +503,44 @@ def _finding_group(
         manufacturer=algorithm.manufacturer,
         parameters=[f"bundle_hash={algorithm.bundle_hash}", f"threshold={finding.threshold:.6g}"],
     )
-    probability = Measurement(
-        name=deepcopy(PROBABILITY),
-        # Rounded so the DS value (max 16 chars) is exact and stable across platforms.
-        value=round(float(finding.probability), 6),
-        unit=deepcopy(NO_UNITS),
+    points = np.asarray(region.polygon, dtype=np.float64)
+    # Belt and braces: a region is already clipped, but a viewer must never get a point off the image.
+    points[:, 0] = np.clip(points[:, 0], 0.0, float(columns))
+    points[:, 1] = np.clip(points[:, 1], 0.0, float(rows))
+    image_region = ImageRegion(
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=SourceImageForRegion.from_source_image(source),
     )
-    # "<finding> = Present/Absent" reads unambiguously; naming it "Finding" would repeat the
-    # group's Finding item with a different meaning.
-    evaluation = QualitativeEvaluation(
-        name=deepcopy(code), value=deepcopy(PRESENT if finding.present else ABSENT)
+    value = _value_item(finding, algorithm, RelationshipTypeValues.CONTAINS)
+    measurement = Measurement(
+        name=value.ConceptNameCodeSequence[0],
+        value=float(value.MeasuredValueSequence[0].NumericValue),
+        unit=value.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0],
     )
-    return MeasurementsAndQualitativeEvaluations(
+    # "<finding> = Present" reads unambiguously; naming it "Finding" would repeat the group's Finding.
+    evaluation = QualitativeEvaluation(name=deepcopy(code), value=deepcopy(PRESENT))
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derive_uid(PYDICOM_ROOT_UID, sop_instance_uid, "tracking", finding.label),
-            identifier=finding.label,
+            identifier=f"{display_name(finding.label)} (AI)",
         ),
+        referenced_region=image_region,
         finding_type=code,
         algorithm_id=algorithm_id,
-        measurements=[probability],
+        measurements=[measurement],
         qualitative_evaluations=[evaluation],
-        source_images=[deepcopy(ref) for ref in source_refs],
     )
+
+
+def _image_size(ds: pydicom.Dataset) -> tuple[int, int]:
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError("the analysed image lacks Rows/Columns") from exc
+    if rows < 1 or columns < 1:
+        raise ValueError("the analysed image has no pixels")
+    return rows, columns
 
 
 def _image_library(images: Sequence[pydicom.Dataset]) -> ContainerContentItem:

@@ -39,6 +39,8 @@ class Bundle:
     operating_points: dict[str, float]
     temperature: float
     sha256: str
+    # True only when metadata says the outputs were calibrated on held-out data ("calibration").
+    calibrated: bool
     metadata: dict[str, Any] = field(repr=False)
     parser: ConfigParser = field(repr=False)
 
@@ -94,6 +96,7 @@ def load_bundle(path: Path | str) -> Bundle:
         operating_points=points,
         temperature=float(metadata.get("temperature", 1.0)),
         sha256=bundle_hash(root),
+        calibrated=bool((metadata.get("calibration") or {}).get("calibrated", False)),
         metadata=metadata,
         parser=parser,
     )

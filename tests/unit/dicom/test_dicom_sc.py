@@ -1,4 +1,5 @@
-"""Heatmap Secondary Capture: overlay placement, legend, size limits, DICOM attributes, dciodvfy."""
+"""Heatmap Secondary Capture: overlay and outlines only for present findings, legend, size limits, DICOM
+attributes, dciodvfy."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.paths import CHEST_DICOM
 from worker.dicom.pixels import read_display_pixels
 from worker.dicom.sc import HEATMAP_SERIES_SUFFIX, build_heatmap_sc, render_heatmap_rgb
-from worker.dicom.sr import AlgorithmInfo
+from worker.dicom.sr import AlgorithmInfo, FindingResult
 from worker.dicom.uids import derive_uid
+from worker.labels import NIH_LABELS
+from worker.regions import Region, finding_region
 
 PREFIX = "1.2.826.0.1.3680043.10.1453."
 ALGORITHM = AlgorithmInfo(
@@ -55,13 +58,41 @@ def _is_grey(colour: npt.NDArray[np.int64]) -> bool:
     return bool(np.ptp(colour) <= 3)
 
 
+def _findings(scores: dict[str, float], threshold: float = 0.5) -> list[FindingResult]:
+    """All 14 findings: those in ``scores`` at their score, the others at 0.05."""
+    return [FindingResult(label, scores.get(label, 0.05), threshold) for label in NIH_LABELS]
+
+
+def _regions(
+    findings: list[FindingResult], heatmaps: dict[str, npt.NDArray[np.float32]], shape: tuple[int, int]
+) -> list[Region]:
+    found = [finding_region(f.label, heatmaps[f.label], *shape) for f in findings if f.present]
+    return [region for region in found if region is not None]
+
+
+def _render(
+    image: npt.NDArray[np.float32],
+    heatmaps: dict[str, npt.NDArray[np.float32]],
+    scores: dict[str, float],
+    *,
+    caption: str = "",
+    max_side: int = 2048,
+) -> npt.NDArray[np.uint8]:
+    findings = _findings(scores)
+    regions = _regions(findings, heatmaps, image.shape)
+    return render_heatmap_rgb(image, heatmaps, findings, regions, caption=caption, max_side=max_side)
+
+
 def _build(source: pydicom.Dataset, *, max_side: int = 2048) -> pydicom.Dataset:
     display = read_display_pixels(source)
+    heatmaps = {"Effusion": _blob(16, LEFT_LUNG), "Atelectasis": _blob(16, RIGHT_LUNG)}
+    findings = _findings({"Effusion": 0.87, "Atelectasis": 0.2})
     return build_heatmap_sc(
         source,
         display.pixels,
-        {"Effusion": _blob(16, LEFT_LUNG)},
-        {"Effusion": 0.87, "Atelectasis": 0.2},
+        heatmaps,
+        findings,
+        _regions(findings, heatmaps, display.pixels.shape),
         ALGORITHM,
         series_instance_uid=derive_uid(PREFIX, source.StudyInstanceUID, ALGORITHM.version, "sc-series"),
         sop_instance_uid=derive_uid(PREFIX, source.SOPInstanceUID, ALGORITHM.version, "sc"),
@@ -97,7 +128,7 @@ def test_heatmap_sc(shared_dir: Path, name: str, tmp_path: Path) -> None:
 
     rgb = pydicom.dcmread(path).pixel_array
     assert _is_red(_pixel(rgb, LEFT_LUNG)), "overlay should sit on the patient's left lung"
-    assert _is_grey(_pixel(rgb, RIGHT_LUNG)), "nothing should be drawn over the right lung"
+    assert _is_grey(_pixel(rgb, RIGHT_LUNG)), "an absent finding (Atelectasis 0.2) must not be drawn"
     panel = rgb[:, _image_width(rgb) + 5 :]
     yellow = (panel[..., 0] > 200) & (panel[..., 1] > 170) & (panel[..., 2] < 80)
     assert yellow.sum() > 100, "the disclaimer (yellow text) should be in the legend panel"
@@ -137,7 +168,8 @@ def test_shape_mismatch_is_refused(shared_dir: Path) -> None:
             source,
             np.zeros((10, 10), np.float32),
             {},
-            {},
+            _findings({}),
+            [],
             ALGORITHM,
             series_instance_uid="1.2.3",
             sop_instance_uid="1.2.4",
@@ -153,34 +185,50 @@ def _chest_like(rows: int = 400, columns: int = 360) -> npt.NDArray[np.float32]:
     return (0.4 + 0.2 * rng.random((rows, columns))).astype(np.float32)
 
 
-def test_only_the_top_three_findings_are_drawn() -> None:
+def test_only_present_findings_are_drawn() -> None:
     places = {
         "Effusion": (0.3, 0.25),
         "Atelectasis": (0.3, 0.75),
         "Mass": (0.75, 0.25),
         "Nodule": (0.75, 0.75),
     }
-    probabilities = {"Effusion": 0.9, "Atelectasis": 0.6, "Mass": 0.4, "Nodule": 0.1}
+    # Mass scores high but below its operating point: the old rule (top three by score) drew it.
+    scores = {"Effusion": 0.9, "Atelectasis": 0.6, "Mass": 0.45, "Nodule": 0.1}
     heatmaps = {label: _blob(16, where, sigma=0.08) for label, where in places.items()}
-    rgb = render_heatmap_rgb(_chest_like(), heatmaps, probabilities, caption="test 1.0")
-    assert _is_red(_pixel(rgb, places["Effusion"]))  # rank 1 is red
+    rgb = _render(_chest_like(), heatmaps, scores, caption="test 1.0")
+    assert _is_red(_pixel(rgb, places["Effusion"]))  # number 1 is red
     assert not _is_grey(_pixel(rgb, places["Atelectasis"]))
-    assert not _is_grey(_pixel(rgb, places["Mass"]))
-    assert _is_grey(_pixel(rgb, places["Nodule"])), "the fourth finding must not be drawn"
+    assert _is_grey(_pixel(rgb, places["Mass"])), "a finding below its operating point must not be drawn"
+    assert _is_grey(_pixel(rgb, places["Nodule"]))
 
 
-def test_cold_heatmap_draws_nothing_on_the_image() -> None:
+def test_nothing_present_draws_nothing_on_the_image() -> None:
     image = _chest_like()
-    rgb = render_heatmap_rgb(image, {"Effusion": np.full((7, 7), 0.15, np.float32)}, {"Effusion": 0.7})
+    heat = {label: _blob(16, (0.5, 0.5)) for label in NIH_LABELS}
+    rgb = _render(image, heat, {"Effusion": 0.45})
     part = rgb[:, : _image_width(rgb)].astype(np.int64)
-    assert np.ptp(part, axis=2).max() == 0, "heat below 0.2 must leave the image grey"
+    assert np.ptp(part, axis=2).max() == 0, "no finding present: the X-ray stays grey"
+    none = _render(image, heat, {})
+    assert not np.array_equal(rgb, none), "the legend's table still shows each value"
+
+
+def test_regions_for_absent_findings_are_refused() -> None:
+    heat = {"Mass": _blob(16, (0.5, 0.5))}
+    (region,) = _regions(_findings({"Mass": 0.9}), heat, (400, 360))
+    with pytest.raises(ValueError, match="not present"):
+        render_heatmap_rgb(_chest_like(), heat, _findings({"Mass": 0.1}), [region])
+
+
+def test_overlay_stays_inside_the_outline() -> None:
+    heat = {"Effusion": _blob(16, LEFT_LUNG, sigma=0.25)}  # warm far beyond its 50 % outline
+    rgb = _render(_chest_like(), heat, {"Effusion": 0.9})
+    assert _is_red(_pixel(rgb, LEFT_LUNG))
+    assert _is_grey(_pixel(rgb, (0.95, 0.05))), "heat outside the reported region is not tinted"
 
 
 @pytest.mark.parametrize(("shape", "max_side", "longest"), [((400, 360), 512, 512), ((169, 211), 2048, 1024)])
 def test_output_size(shape: tuple[int, int], max_side: int, longest: int) -> None:
-    rgb = render_heatmap_rgb(
-        _chest_like(*shape), {"Mass": _blob(7, (0.5, 0.5))}, {"Mass": 0.5}, max_side=max_side
-    )
+    rgb = _render(_chest_like(*shape), {"Mass": _blob(7, (0.5, 0.5))}, {"Mass": 0.6}, max_side=max_side)
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
     assert max(rgb.shape[:2]) == longest
     # The X-ray keeps its aspect ratio.
@@ -189,13 +237,16 @@ def test_output_size(shape: tuple[int, int], max_side: int, longest: int) -> Non
 
 def test_singleton_axes_are_squeezed() -> None:
     heat = _blob(7, (0.5, 0.5))
-    flat = render_heatmap_rgb(_chest_like(), {"Mass": heat}, {"Mass": 0.5})
-    stacked = render_heatmap_rgb(_chest_like(), {"Mass": heat[None]}, {"Mass": 0.5})
+    flat = _render(_chest_like(), {"Mass": heat}, {"Mass": 0.6})
+    stacked = _render(_chest_like(), {"Mass": heat[None]}, {"Mass": 0.6})
     np.testing.assert_array_equal(flat, stacked)
 
 
 def test_bad_heatmap_is_refused() -> None:
+    findings = _findings({"Mass": 0.6})
+    region = finding_region("Mass", _blob(7, (0.5, 0.5)), 400, 360)
+    assert region is not None
     with pytest.raises(ValueError):
-        render_heatmap_rgb(_chest_like(), {"Mass": np.zeros((2, 2, 2), np.float32)}, {"Mass": 0.5})
+        render_heatmap_rgb(_chest_like(), {"Mass": np.zeros((2, 2, 2), np.float32)}, findings, [region])
     with pytest.raises(ValueError):
-        render_heatmap_rgb(np.zeros((4, 4, 3), np.float32), {}, {})
+        render_heatmap_rgb(np.zeros((4, 4, 3), np.float32), {}, findings, [])
