@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: serve test lint unit install bench clean
+.PHONY: serve test lint pytest unit install bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest
+# tests/peers.sh provides the peers first (Debian packages, the venv, a private Redis/PostgreSQL when none
+# answers, the pinned OHIF build), prints one line per peer, then runs lint and pytest against them.
+# Extra pytest arguments: make test PYTEST_ARGS='-k dashboard'.
+# (SUBMAKE, not $(MAKE), in the recipe: `make -n test` must not install packages or start servers.)
+SUBMAKE := $(MAKE) --no-print-directory
+test:
+	@MAKE='$(SUBMAKE)' VENV='$(VENV)' PYTHON='$(PYTHON)' tests/peers.sh $(SUBMAKE) lint pytest
+
+# pytest alone, against whatever peers answer (`make test` provides them).
+pytest: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick benchmarks (minutes); ingest_bench.py and load_fault.py take longer: see docs/benchmarks.md.
 bench: $(VENV)/.installed

@@ -31,3 +31,5 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # highdicom logs source UIDs at INFO while it copies modules between datasets.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # Alembic logs its plugin set-up and every migration step at INFO on each start: not ours to print.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
