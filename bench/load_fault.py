@@ -44,6 +44,8 @@ from tests.support.orthanc import OrthancServer  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+# One-image studies with the default outputs: measurement SR, results SR and heatmap SC.
+OUTPUTS_PER_STUDY = 3
 
 
 def make_studies(n: int, out: Path, side: int) -> list[Path]:
@@ -321,7 +323,7 @@ def main() -> None:
         tags = orthanc.rest_get(f"/instances/{inst['ID']}/simplified-tags")
         per_study[tags["StudyInstanceUID"]] += 1
         sop_seen[tags["SOPInstanceUID"]] += 1
-    complete = sum(1 for n in per_study.values() if n == 2)
+    complete = sum(1 for n in per_study.values() if n == OUTPUTS_PER_STUDY)
 
     def secs(a: datetime | None, b: datetime | None) -> float | None:
         return (b - a).total_seconds() if a and b else None

@@ -46,6 +46,6 @@ def test_a_thread_pool_worker_batches_studies_and_delivers_each(
     inference = [d["result"]["inference"] for d in details]
     assert {i["device"] for i in inference} == {"cpu"}
     assert max(i["batch_studies"] for i in inference) >= 2, inference
-    # One SR and one SC per study in the PACS: batching mixed nobody's results.
-    assert len(orthanc.instances()) == 8
+    # Two SRs and one SC per study in the PACS: batching mixed nobody's results.
+    assert len(orthanc.instances()) == 12
     assert len(orthanc.studies()) == 4

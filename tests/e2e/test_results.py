@@ -19,8 +19,10 @@ from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
 from tests.support.studies import with_fresh_uids
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the measurement report
+REPORT = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: the results (and not-analysed) report
 SC = "1.2.840.10008.5.1.4.1.1.7"
+PER_IMAGE = 3  # the default outputs: measurement SR, results SR, heatmap SC
 CHEST_FILES = [
     "cr-pa-mono1-explicit-le.dcm",
     "cr-pa-mono1-j2k-lossless.dcm",
@@ -58,21 +60,32 @@ def _by_study(orthanc: OrthancServer, tmp_path: Path) -> dict[str, list[Any]]:
     return out
 
 
+def gateway_result(gw: GatewayProcesses, source: Any) -> dict[str, Any]:
+    """The job result's entry for ``source`` (a dataset), from the gateway's API."""
+    for job in gw.api("/api/jobs")["items"]:
+        for image in gw.api(f"/api/jobs/{job['id']}")["result"]["images"]:
+            if image["sop_instance_uid"] == str(source.SOPInstanceUID):
+                return dict(image)
+    raise AssertionError("no job result for the source")
+
+
 def _dsrdump(path: str) -> str:
-    return subprocess.run(["dsrdump", "+Pt", path], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["/usr/bin/dsrdump", "+Pt", path], capture_output=True, text=True, check=True
+    ).stdout
 
 
-def test_every_chest_encoding_gets_a_valid_sr_and_sc(
+def test_every_chest_encoding_gets_valid_reports_and_sc(
     gateway: GatewayProcesses, orthanc: OrthancServer, shared_dir: Path, tmp_path: Path
 ) -> None:
     sources = [with_fresh_uids(shared_dir / "dicom/chest" / n, tmp_path / "in" / n) for n in CHEST_FILES]
     _send(gateway, sources)
-    orthanc.wait_for_instances(2 * len(sources), timeout=300)
+    orthanc.wait_for_instances(PER_IMAGE * len(sources), timeout=300)
     studies = _by_study(orthanc, tmp_path)
     for src_path in sources:
         src = dcmread(src_path, stop_before_pixels=True)
         outputs = studies[str(src.StudyInstanceUID)]
-        assert sorted(str(d.SOPClassUID) for d in outputs) == sorted([SR, SC]), src_path.name
+        assert sorted(str(d.SOPClassUID) for d in outputs) == sorted([SR, REPORT, SC]), src_path.name
         for ds in outputs:
             assert dciodvfy_errors(Path(ds.filename)) == [], (src_path.name, ds.SOPClassUID)
         sr = next(d for d in outputs if d.SOPClassUID == SR)
@@ -80,8 +93,12 @@ def test_every_chest_encoding_gets_a_valid_sr_and_sc(
         hd.sr.Comprehensive3DSR.from_dataset(sr)  # highdicom reads it back
         dump = _dsrdump(sr.filename)
         assert "# TID 1500 (DCMR)" in dump
-        assert dump.count("# TID 1501 (DCMR)") == 14  # one measurement group per finding
-        assert dump.count('NUM:(,,"Probability")') == 14
+        # One localised group per present finding, each with its image region and a finding-named value.
+        present = len(gateway_result(gateway, src)["present"])
+        assert dump.count('"Measurement Group"') == dump.count("SCOORD") == present
+        assert dump.count(' score")=') == present
+        report = _dsrdump(next(d for d in outputs if d.SOPClassUID == REPORT).filename)
+        assert '"X-Ray Report"' in report and report.count(' score")=') == 14
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -104,7 +121,7 @@ def test_non_chest_input_gets_a_not_analysed_sr(
     time.sleep(2)  # nothing else may arrive
     studies = _by_study(orthanc, tmp_path)
     (outputs,) = studies.values()
-    assert [str(d.SOPClassUID) for d in outputs] == [SR]
+    assert [str(d.SOPClassUID) for d in outputs] == [REPORT]
     assert dciodvfy_errors(Path(outputs[0].filename)) == []
     assert "not_chest" in _dsrdump(outputs[0].filename)
     (job,) = gateway.wait_for_jobs(lambda js: js and js[0]["status"] == "skipped")
@@ -117,23 +134,23 @@ def test_rerun_replaces_instead_of_duplicating(
     first = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
     study_uid = str(dcmread(first, stop_before_pixels=True).StudyInstanceUID)
     _send(gateway, [first])
-    orthanc.wait_for_instances(2, timeout=120)
+    orthanc.wait_for_instances(PER_IMAGE, timeout=120)
     gateway.wait_for_jobs(lambda js: js and js[0]["status"] == "done")
     # A late image for the same study: a re-run over both images, whose outputs for the first image
-    # carry the same UIDs as before, so the PACS holds one SR and one SC per image.
+    # carry the same UIDs as before, so the PACS holds one set of outputs per image.
     second = with_fresh_uids(
         shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossy.dcm", tmp_path / "b.dcm", study_uid=study_uid
     )
     _send(gateway, [second])
     gateway.wait_for_jobs(lambda js: len(js) == 2 and all(j["status"] == "done" for j in js))
-    ids = orthanc.wait_for_instances(4, timeout=120)
+    ids = orthanc.wait_for_instances(2 * PER_IMAGE, timeout=120)
     time.sleep(3)
-    assert len(orthanc.instances()) == 4 == len(ids)
+    assert len(orthanc.instances()) == 2 * PER_IMAGE == len(ids)
     # And sending the very same instances again changes nothing at all.
     _send(gateway, [first, second])
     time.sleep(4)
     assert len(gateway.api("/api/jobs")["items"]) == 2
-    assert len(orthanc.instances()) == 4
+    assert len(orthanc.instances()) == 2 * PER_IMAGE
 
 
 def test_destination_down_then_back(tmp_path: Path, orthanc: OrthancServer, shared_dir: Path) -> None:
@@ -149,13 +166,13 @@ def test_destination_down_then_back(tmp_path: Path, orthanc: OrthancServer, shar
         jobs = gw.wait_for_jobs(
             lambda js: (
                 js
-                and len(js[0]["deliveries"]) == 2
+                and len(js[0]["deliveries"]) == PER_IMAGE
                 and all(d["status"] == "delivered" for d in js[0]["deliveries"])
             ),
             timeout=180,
         )
         assert max(d["attempts"] for d in jobs[0]["deliveries"]) >= 2
-        assert len(orthanc.instances()) == 2
+        assert len(orthanc.instances()) == PER_IMAGE
         # Each attempt is on record: refused while the PACS was down, then delivered.
         for d in gw.api(f"/api/jobs/{jobs[0]['id']}")["deliveries"]:
             outcomes = [a["outcome"] for a in d["history"]]
@@ -178,13 +195,13 @@ def test_refusing_destination_dead_letters_and_replay_delivers(
         gw.wait_for_jobs(
             lambda js: (
                 js
-                and len(js[0]["deliveries"]) == 2
+                and len(js[0]["deliveries"]) == PER_IMAGE
                 and all(d["status"] == "dead_letter" for d in js[0]["deliveries"])
             ),
             timeout=180,
         )
         dead = gw.api("/api/deliveries?status=dead_letter")
-        assert len(dead) == 2
+        assert len(dead) == PER_IMAGE
         assert pacs.instances() == []
         pacs.add_modality("GATEWAY", "CXR_GATEWAY", "127.0.0.1", gw.listener_port)
         for d in dead:
@@ -193,7 +210,7 @@ def test_refusing_destination_dead_letters_and_replay_delivers(
         jobs = gw.wait_for_jobs(
             lambda js: all(d["status"] == "delivered" for d in js[0]["deliveries"]), timeout=120
         )
-        assert len(pacs.instances()) == 2
+        assert len(pacs.instances()) == PER_IMAGE
         for d in gw.api(f"/api/jobs/{jobs[0]['id']}")["deliveries"]:
             # Refused (Orthanc drops the store: no response, retried), given up, replayed, delivered.
             outcomes = [a["outcome"] for a in d["history"]]

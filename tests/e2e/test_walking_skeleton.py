@@ -1,4 +1,4 @@
-"""A chest study goes PACS → listener → queue → DenseNet-121 → SR + heatmap SC → PACS, on real peers."""
+"""A chest study goes PACS → listener → queue → DenseNet-121 → two SRs + heatmap SC → PACS, on real peers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
 
-SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the measurement report
+REPORT_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: the results report
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -22,7 +23,7 @@ def _send_and_check(gw: GatewayProcesses, orthanc: OrthancServer, source: Path, 
     result = storescu("127.0.0.1", gw.listener_port, [source], called_aet=gw.ae_title)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    ids = orthanc.wait_for_instances(2, timeout=180)
+    ids = orthanc.wait_for_instances(3, timeout=180)
     src = dcmread(source, stop_before_pixels=True)
     found: dict[str, Path] = {}
     for n, instance_id in enumerate(ids):
@@ -32,7 +33,7 @@ def _send_and_check(gw: GatewayProcesses, orthanc: OrthancServer, source: Path, 
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID
         found[str(ds.SOPClassUID)] = path
         assert "not for diagnostic use" in str(ds.SeriesDescription).lower()
-    assert set(found) == {SR_STORAGE, SC_STORAGE}
+    assert set(found) == {SR_STORAGE, REPORT_STORAGE, SC_STORAGE}
     for path in found.values():
         assert dciodvfy_errors(path) == [], f"dciodvfy errors in {path.name}"
 
