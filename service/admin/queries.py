@@ -24,9 +24,7 @@ from service.admin.schemas import (
     StageTimes,
 )
 from service.core.models import Delivery, Instance, Job
-from service.core.status import JobStatus
-
-SC_KIND = "sc"
+from service.core.status import JobStatus, OutputKind
 
 
 @dataclass(frozen=True)
@@ -151,20 +149,20 @@ def filter_choices(session: Session) -> tuple[list[str], list[str]]:
 
 
 def heatmap_paths(job: Job, output_dir: Path) -> list[Path]:
-    """The job's heatmap Secondary Capture files, one per analysed image, in output order.
+    """The job's heatmap Secondary Capture files, one per analysed image, in image order.
 
-    Delivery rows say where each SC output lies (one row per destination, so de-duplicated by SOP
-    Instance UID); a path that would leave the output dir is ignored.
+    Read from the job's output folder, not from its deliveries: a site with no destination, or whose
+    destinations take no SC, still sees the heatmaps here.
     """
-    root = output_dir.resolve()
-    seen: dict[str, Path] = {}
-    for d in job.deliveries:
-        if d.kind != SC_KIND or d.sop_instance_uid in seen:
-            continue
-        path = (root / d.output_path).resolve()
-        if path.is_relative_to(root):
-            seen[d.sop_instance_uid] = path
-    return list(seen.values())
+    folder = (output_dir / job.id).resolve()
+    if not folder.is_relative_to(output_dir.resolve()) or not folder.is_dir():
+        return []
+    numbered = []
+    for path in folder.glob(f"{OutputKind.SC}-*.dcm"):
+        index = path.stem.removeprefix(f"{OutputKind.SC}-")
+        if index.isdigit():
+            numbered.append((int(index), path))
+    return [path for _, path in sorted(numbered)]
 
 
 def _result_images(result: dict[str, Any]) -> list[Any]:

@@ -68,7 +68,6 @@ def _write_sc(path: Path) -> None:
 
 @pytest.fixture
 def done_job(sessions: sessionmaker[Session], settings: Settings) -> str:
-    _write_sc(settings.output_dir / "out" / "sc-1.dcm")
     deliveries = [
         {"ae_title": "PACS", "sop_instance_uid": "9.1", "kind": "sr", "output_path": "out/sr-1.dcm",
          "status": DeliveryStatus.DELIVERED, "attempts": 1, "delivered_at": T0 + timedelta(seconds=12)},
@@ -83,7 +82,7 @@ def done_job(sessions: sessionmaker[Session], settings: Settings) -> str:
         {"ae_title": "EVIL", "sop_instance_uid": "9.3", "kind": "sc", "output_path": "../../etc/passwd",
          "status": DeliveryStatus.DEAD_LETTER, "attempts": 6},
     ]  # fmt: skip
-    return make_job(
+    job_id = make_job(
         sessions,
         JobStatus.DONE,
         ae="CR_ROOM_1",
@@ -93,6 +92,10 @@ def done_job(sessions: sessionmaker[Session], settings: Settings) -> str:
         deliveries=deliveries,
         instances=["1.2.3.4.1", "1.2.3.4.2"],
     )
+    # Heatmaps are read from the job's output folder, whatever the deliveries say.
+    _write_sc(settings.output_dir / job_id / "sc-1.dcm")
+    (settings.output_dir / job_id / "sc-x.dcm").write_bytes(b"not numbered: never listed")
+    return job_id
 
 
 def test_api_lists_jobs_with_stage_times(admin: TestClient, sessions: sessionmaker[Session]) -> None:
