@@ -406,8 +406,9 @@ def image_findings(
     bundle: Bundle, scores: NDArray[np.float32], cams: NDArray[np.float32], shape: tuple[int, ...]
 ) -> tuple[list[FindingResult], dict[str, NDArray[np.float32]], list[Region], list[str]]:
     """One image's model output as the outputs use it: every finding at its operating point, the
-    heatmaps by label, the present findings' regions on the image, and the present findings left
-    without a region (a region that cannot be built costs that region only, never the report)."""
+    heatmaps by label, the present findings' regions on the image (highest score first, the order
+    every output numbers them in), and the present findings left without a region (a region that
+    cannot be built costs that region only, never the report)."""
     findings = [
         FindingResult(label=label, score=float(score), threshold=bundle.operating_points[label])
         for label, score in zip(bundle.labels, scores, strict=True)
@@ -427,6 +428,9 @@ def image_findings(
             missing.append(finding.label)
         else:
             regions.append(region)
+    # One order for every output: region n is the n-th highest-scoring present finding.
+    by_label = {finding.label: finding.score for finding in findings}
+    regions.sort(key=lambda region: -by_label[region.label])
     return findings, heatmaps, regions, missing
 
 

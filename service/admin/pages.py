@@ -21,6 +21,7 @@ from service.admin.deps import DB, Admin, Client, Ctx, User
 from service.admin.guard import client_address, csrf_token, principal_of
 from service.admin.queries import JobFilter, filter_choices, get_job, job_detail, list_jobs
 from service.core.models import Delivery, Job, Study
+from service.core.palette import region_colour_hex
 from service.core.status import DeliveryStatus, JobStatus
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -43,10 +44,6 @@ def _secs(value: float | None) -> str:
     return f"{int(minutes)} min {int(seconds)} s"
 
 
-# Finding regions over the source image: distinct colours that stand out on a grey X-ray.
-REGION_COLOURS = ("#ff4d4d", "#ffd23f", "#3ec6ff", "#4cff7a", "#ff5cf0", "#ff9f1c", "#a78bfa", "#c6ff3d")
-
-
 def _svg_points(polygon: Sequence[Sequence[float]]) -> str:
     """An SVG ``points`` attribute, numbers formatted here (never text from the result)."""
     return " ".join(f"{float(x):.1f},{float(y):.1f}" for x, y in polygon)
@@ -57,7 +54,8 @@ def _num(value: float, digits: int = 1) -> str:
 
 
 def _region_colour(index: int) -> str:
-    return REGION_COLOURS[int(index) % len(REGION_COLOURS)]
+    """Colour of the region at 0-based ``index``: the same as region ``index + 1`` on the heatmap SC."""
+    return region_colour_hex(int(index) + 1)
 
 
 TEMPLATES.env.filters["dt"] = _dt

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
+from service.core.palette import RGB, region_colour
 from worker.dicom.codes import display_name
 from worker.dicom.sr import AlgorithmInfo, FindingResult, contributing_equipment, source_header
 from worker.regions import Region, scale_polygon
@@ -35,18 +36,7 @@ __all__ = ["HEATMAP_SERIES_SUFFIX", "build_heatmap_sc", "render_heatmap_rgb"]
 HEATMAP_SERIES_SUFFIX = "AI heatmap - not for diagnostic use"
 _DISCLAIMER_LINES = ("AI-generated heatmap", "NOT for diagnostic use")
 
-RGB = tuple[int, int, int]
-# Distinct hues for the present findings, by score; they repeat beyond eight (rare at sane thresholds).
-_HUES: tuple[RGB, ...] = (
-    (235, 30, 30),
-    (0, 200, 255),
-    (120, 255, 40),
-    (255, 160, 0),
-    (220, 80, 255),
-    (255, 255, 60),
-    (0, 230, 170),
-    (255, 120, 180),
-)
+# Region n has the same colour here as on the dashboard; they repeat beyond eight (rare at sane thresholds).
 _GREY: RGB = (170, 170, 170)
 _MIN_HEAT = 0.2  # below this, no colour at all: weak activations are noise, not localisation
 _MAX_ALPHA = 0.45
@@ -261,13 +251,16 @@ def _render(
 
 
 def _numbering(findings: Sequence[FindingResult], regions: Sequence[Region]) -> dict[str, int]:
-    """1, 2, … for the present findings by falling score (ties keep NIH order): legend and markers."""
-    present = [f for f in findings if f.present and math.isfinite(f.score)]
-    ranked = sorted(present, key=lambda f: -f.score)
-    numbers = {f.label: n for n, f in enumerate(ranked, start=1)}
-    stray = [region.label for region in regions if region.label not in numbers]
+    """Legend and marker numbers: 1, 2, … for the regions in their order (as the GSPS and the dashboard
+    number them), then the present findings without a region, by falling score."""
+    present = {f.label for f in findings if f.present and math.isfinite(f.score)}
+    stray = [region.label for region in regions if region.label not in present]
     if stray:
         raise ValueError(f"regions for findings that are not present: {stray}")
+    numbers = {region.label: n for n, region in enumerate(regions, start=1)}
+    rest = sorted((f for f in findings if f.label in present - numbers.keys()), key=lambda f: -f.score)
+    for finding in rest:
+        numbers[finding.label] = len(numbers) + 1
     return numbers
 
 
@@ -286,7 +279,7 @@ def _free_spot(x: float, y: float, placed: Sequence[tuple[float, float]], size: 
 
 
 def _hue(number: int) -> RGB:
-    return _HUES[(number - 1) % len(_HUES)]
+    return region_colour(number)
 
 
 def _as_heatmap(label: str, heat: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:

@@ -66,7 +66,9 @@ def _findings(scores: dict[str, float], threshold: float = 0.5) -> list[FindingR
 def _regions(
     findings: list[FindingResult], heatmaps: dict[str, npt.NDArray[np.float32]], shape: tuple[int, int]
 ) -> list[Region]:
-    found = [finding_region(f.label, heatmaps[f.label], *shape) for f in findings if f.present]
+    # Highest score first, as the pipeline orders them: region n is drawn and listed as number n.
+    ranked = sorted((f for f in findings if f.present), key=lambda f: -f.score)
+    found = [finding_region(f.label, heatmaps[f.label], *shape) for f in ranked]
     return [region for region in found if region is not None]
 
 
