@@ -375,12 +375,17 @@ def _analyse(
         for label in unlocalised:
             log.warning("job=%s image=%d finding=%s reason=%s", job_id, n, label, ReasonCode.REGION_NOT_BUILT)
             notes.append({"image": n, "label": label, "reason": ReasonCode.REGION_NOT_BUILT})
-        try:
-            outputs.extend(
-                _image_outputs(src, display, findings, regions, heatmaps, rt, study_uid, n, out_dir, wanted)
+        built, failed = _image_outputs(
+            src, display, findings, regions, heatmaps, rt, study_uid, n, out_dir, wanted
+        )
+        for kind, error in failed.items():
+            log.warning("job=%s image=%d output=%s reason=%s", job_id, n, kind, ReasonCode.OUTPUT_BUILD_ERROR)
+            notes.append(
+                {"image": n, "output": str(kind), "reason": ReasonCode.OUTPUT_BUILD_ERROR, "error": error}
             )
-        except Exception as exc:
-            raise PermanentError(ReasonCode.OUTPUT_BUILD_ERROR, type(exc).__name__) from exc
+        if not built:
+            raise PermanentError(ReasonCode.OUTPUT_BUILD_ERROR, ", ".join(sorted(set(failed.values()))))
+        outputs.extend(built)
         height, width = display.pixels.shape
         images.append(
             {
@@ -445,8 +450,9 @@ def _image_outputs(
     n: int,
     out_dir: Path,
     wanted: set[OutputKind],
-) -> list[Output]:
-    """The output objects for the n-th analysed image of a study: UIDs derived, files written."""
+) -> tuple[list[Output], dict[OutputKind, str]]:
+    """The output objects for the n-th analysed image of a study (UIDs derived, files written), and the
+    kinds that could not be built with the error's type: one output's failure costs only that output."""
     prefix, version = rt.settings.uid_prefix, rt.bundle.version
     algo = algorithm_info(rt.bundle)
     src_uid = str(src.SOPInstanceUID)
@@ -473,11 +479,16 @@ def _image_outputs(
         ),
     }
     outputs: list[Output] = []
+    failed: dict[OutputKind, str] = {}
     for kind, build in builders.items():
         # SR, report and SC always (the dashboard shows the SC); a GSPS only for a destination that asks.
         if kind == OutputKind.GSPS and kind not in wanted:
             continue
         ids = uids(kind)
-        ds = build(**ids)
+        try:
+            ds = build(**ids)
+        except Exception as exc:  # a builder's bug or an input it cannot take: this output only
+            failed[kind] = type(exc).__name__
+            continue
         outputs.append(Output(kind, ids["sop_instance_uid"], _write(ds, out_dir / f"{kind}-{n}.dcm")))
-    return outputs
+    return outputs, failed

@@ -356,3 +356,36 @@ def test_a_region_that_cannot_be_built_costs_only_the_region(
         sr_path = runtime.settings.output_dir / sr.output_path
     assert dciodvfy_errors(sr_path) == []
     assert "Measurement Group" not in str(dcmread(sr_path))  # no group without its region
+
+
+def test_an_output_that_cannot_be_built_costs_only_that_output(
+    runtime: Runtime, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.pipeline as pipeline
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise KeyError("builder bug")
+
+    monkeypatch.setattr(pipeline, "build_heatmap_sc", broken)
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    assert len(process_study(job_id, runtime)) == 2  # both reports still go to the PACS
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.DONE
+        assert job.result is not None
+        assert job.result["notes"] == [
+            {"image": 1, "output": "sc", "reason": ReasonCode.OUTPUT_BUILD_ERROR, "error": "KeyError"}
+        ]
+        assert sorted(d.kind for d in s.scalars(select(Delivery))) == ["report", "sr"]
+        reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == job_id)).all()
+        assert ReasonCode.OUTPUT_BUILD_ERROR in reasons
+
+    # Nothing at all could be built: the job fails with the reason, as before.
+    for name in ("build_findings_sr", "build_results_sr"):
+        monkeypatch.setattr(pipeline, name, broken)
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-explicit-le.dcm"])
+    assert process_study(job_id, runtime) == []
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.FAILED
+        assert job.reason_code == ReasonCode.OUTPUT_BUILD_ERROR
