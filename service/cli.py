@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -61,12 +65,18 @@ def listener(ctx: click.Context) -> None:
     run_listener(_settings(ctx))
 
 
-@main.command()
-@click.pass_context
-def dashboard(ctx: click.Context) -> None:
-    """Run the admin dashboard (HTTP)."""
-    import uvicorn
+_VERBOSE = click.option(
+    "--verbose",
+    is_flag=True,
+    help="Also print the libraries' own start-up and shutdown lines (Celery's banner, uvicorn's INFO lines).",
+)
 
+
+@main.command()
+@_VERBOSE
+@click.pass_context
+def dashboard(ctx: click.Context, verbose: bool) -> None:
+    """Run the admin dashboard (HTTP)."""
     from service.admin.app import create_app
     from service.core.db import make_session_factory
 
@@ -78,16 +88,45 @@ def dashboard(ctx: click.Context) -> None:
             '\'[{"username": "admin", "password_hash": "$argon2id$...", "role": "admin"}]\' '
             "(python -m service.admin.passwords prints one entry)."
         )
-    app = create_app(settings, make_session_factory(settings))
-    uvicorn.run(app, host=settings.dashboard_host, port=settings.dashboard_port, log_config=None)
+    if verbose:
+        setup_logging(settings.log_level, verbose=True)
+    _run_dashboard(create_app(settings, make_session_factory(settings)), settings)
+
+
+def _run_dashboard(app: Any, settings: Settings) -> None:
+    """``uvicorn.run`` with the gateway's own "dashboard up" line once the port is bound (uvicorn's own
+    INFO lines are kept out of the log, see ``setup_logging``)."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    admin_log = logging.getLogger("cxr_gateway.admin")
+    url = f"http://{settings.dashboard_host}:{settings.dashboard_port}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                admin_log.info("dashboard up url=%s", url)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            admin_log.info("dashboard stopping")
+            await super().shutdown(sockets)
+
+    server = Server(
+        uvicorn.Config(app, host=settings.dashboard_host, port=settings.dashboard_port, log_config=None)
+    )
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # uvicorn logged why (e.g. the port is taken)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@_VERBOSE
 @click.pass_context
-def worker(ctx: click.Context) -> None:
+def worker(ctx: click.Context, verbose: bool) -> None:
     """Run a Celery worker (inference and delivery queues); extra arguments go to Celery."""
     # The service package never imports the worker: start it as its own program.
-    os.execv(sys.executable, [sys.executable, "-m", "worker", *ctx.args])
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *(["--verbose"] if verbose else []), *ctx.args])
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -132,24 +171,62 @@ def _one_time_admin(settings: Settings) -> dict[str, str]:
     return {"CXR_DASHBOARD_USERS": json.dumps(users)}
 
 
+def _die_with_serve() -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=...)`` on Linux: the child gets SIGKILL if ``serve`` dies without stopping it
+    (``kill -9``), as it did while it shared serve's process group."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    serve_pid = os.getpid()
+
+    def _in_child() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != serve_pid:  # serve died before the line above
+            os._exit(1)
+
+    return _in_child
+
+
 @main.command()
+@_VERBOSE
 @click.pass_context
-def serve(ctx: click.Context) -> None:
+def serve(ctx: click.Context, verbose: bool) -> None:
     """Run listener, worker and dashboard together (single machine, embedded defaults)."""
     from service.core.db import migrate as run_migrate
 
     settings = _settings(ctx)
+    if verbose:
+        setup_logging(settings.log_level, verbose=True)
     env = _child_env(ctx)
     if not settings.dashboard_users:
         env.update(_one_time_admin(settings))
     run_migrate(settings)
     me = [sys.executable, "-m", "service.cli"]
+    more = ["--verbose"] if verbose else []
     commands = {
         "listener": [*me, "listener"],
-        "worker": [sys.executable, "-m", "worker"],
-        "dashboard": [*me, "dashboard"],
+        "worker": [sys.executable, "-m", "worker", *more],
+        "dashboard": [*me, "dashboard", *more],
     }
-    children = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
+    # Each child in a session of its own: a Ctrl-C at the terminal, or a signal to serve's process group
+    # (`timeout`, a supervisor), reaches serve alone, which stops each child once through its main process.
+    # A signal to the worker's group would also hit Celery's pool children (deploy/README.md, "Graceful
+    # shutdown"), and a second one would turn uvicorn's graceful stop into a forced one.
+    stopping = False
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(signum, _stop)
+    die_with_serve = _die_with_serve()
+    children = {
+        name: subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_serve)
+        for name, cmd in commands.items()
+    }
     log.info(
         "serving: DICOM %s@%d, dashboard http://%s:%d, data %s",
         settings.listener_ae_title,
@@ -158,14 +235,6 @@ def serve(ctx: click.Context) -> None:
         settings.dashboard_port,
         settings.data_dir.resolve(),
     )
-    stopping = False
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     exit_code = 0
     while not stopping:
         for name, proc in children.items():
@@ -183,7 +252,9 @@ def serve(ctx: click.Context) -> None:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own group: the worker's pool children too
+            proc.wait()
     sys.exit(exit_code)
 
 

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 import sys
+import warnings
 
 from service.core import tasks as names
 
+log = logging.getLogger("worker")
+
 
 def main(argv: list[str] | None = None) -> None:
+    from celery.exceptions import SecurityWarning
+
+    from service.core.logging import setup_logging
     from worker.app import app, settings
 
     args = argv if argv is not None else sys.argv[1:]
+    # --verbose (`cxr-gateway worker --verbose`): Celery's banner and its start-up INFO lines as well.
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
+    if verbose:
+        setup_logging(settings.log_level, verbose=True)
     known = {names.INFERENCE_QUEUE, names.DELIVERY_QUEUE}
     unknown = set(settings.worker_queues) - known
     if unknown:
@@ -29,8 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     # A node name of its own per process and start: several workers on one host stay apart in heartbeats
     # and pings, and a container restarted with the same pid is not mistaken for its dead predecessor.
     node = [] if {"-n", "--hostname"} & {a.split("=", 1)[0] for a in args} else ["--hostname", _node_name()]
+    if 0 in (os.getuid(), os.geteuid()):
+        # Celery's multi-line SecurityWarning, in one line of ours (tasks only ever take JSON, never pickle).
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+        log.warning("running as root: use an unprivileged user outside a trial (deploy/ does)")
     app.worker_main(
         [
+            *([] if verbose else ["--quiet"]),  # no banner: the heartbeat's "worker registered" line says it
             "worker",
             "--loglevel",
             settings.log_level,

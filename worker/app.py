@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import threading
 from typing import Any
 
+from celery.apps import worker as celery_worker
 from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from service.core import tasks as names
@@ -24,6 +26,21 @@ settings = load_settings(os.environ.get("CXR_CONFIG") or None)
 setup_logging(settings.log_level)
 runtime = Runtime(settings=settings, sessions=make_session_factory(settings))
 app = make_celery(settings)
+log = logging.getLogger("worker")
+
+
+class _Worker(celery_worker.Worker):  # type: ignore[misc]
+    """Celery's worker program without its "worker: Warm/Cold shutdown (MainProcess)" prints on SIGTERM,
+    Ctrl-C and SIGQUIT: ``_hand_back_after_deadline`` logs the gateway's own line instead."""
+
+    def install_platform_tweaks(self, worker: Any) -> None:
+        super().install_platform_tweaks(worker)
+        celery_worker.install_worker_term_handler(worker, verbose=False)
+        celery_worker.install_worker_int_handler(worker, verbose=False)
+        celery_worker.install_worker_term_hard_handler(worker, verbose=False)
+
+
+app.Worker = app.subclass_with_self(_Worker)
 
 
 _heartbeat: list[Heartbeat] = []
@@ -76,7 +93,9 @@ def _hand_back_after_deadline(how: str = "", **_: Any) -> None:
     acknowledged (late acks), so the broker gives it to another worker before the orchestrator's
     SIGKILL could strand it until the reconciler's deadline."""
     if how != "Warm":
+        log.info("worker stopping now: running tasks go back to the broker")
         return
+    log.info("worker stopping: waiting up to %g s for running tasks", settings.worker_shutdown_seconds)
     timer = threading.Timer(settings.worker_shutdown_seconds, os.kill, args=(os.getpid(), signal.SIGQUIT))
     timer.daemon = True
     timer.start()

@@ -20,7 +20,14 @@ class PhiFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
+# Libraries that narrate their own start-up and shutdown at INFO (Alembic's plugin set-up and migration
+# steps, uvicorn's "Started server process", Celery's "Connected to ..." and "... ready."): the gateway's own
+# lines say what matters. Their warnings and errors still show; ``verbose`` (``--verbose`` on ``serve``,
+# ``worker`` and ``dashboard``) lets their INFO lines through as well.
+CHATTY_LIBRARIES = ("alembic", "uvicorn.error", "celery.apps.worker", "celery.worker.consumer")
+
+
+def setup_logging(level: str = "INFO", *, verbose: bool = False) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     handler.addFilter(PhiFilter())
@@ -31,5 +38,5 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # highdicom logs source UIDs at INFO while it copies modules between datasets.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    # Alembic logs its plugin set-up and every migration step at INFO on each start: not ours to print.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)

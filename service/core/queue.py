@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -18,7 +19,7 @@ QUEUES = (tasks.INFERENCE_QUEUE, tasks.DELIVERY_QUEUE)
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("cxr_gateway", broker=settings.effective_broker_url)
+    app = Celery("cxr_gateway", broker=_broker_url(settings))
     transport_options: dict[str, Any] = {}
     if settings.effective_broker_url.startswith("filesystem://"):
         # Embedded single-machine broker: messages are files under the data dir.
@@ -51,6 +52,15 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def _broker_url(settings: Settings) -> str:
+    url = settings.effective_broker_url
+    # The filesystem transport ignores the host, but kombu warns "No hostname was supplied" at every
+    # connection when a URL has none (the default "filesystem://"): name the only host it can be.
+    if url.startswith("filesystem://") and not urlsplit(url).hostname:
+        return "filesystem://localhost/" + url.removeprefix("filesystem://").lstrip("/")
+    return url
 
 
 def enqueue(app: Celery, task_name: str, *args: Any, countdown: float | None = None) -> None:
