@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from types import FrameType
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,9 +23,10 @@ from service.core.models import Delivery, Instance, Job
 from service.core.settings import Destination, Settings
 from service.core.status import DeliveryStatus, JobStatus, OutputKind, ReasonCode
 from worker import __version__
-from worker.dicom.gate import GateRules, check_header
+from worker.dicom.decoder import DecodeLimits, DecodeTimeout, IsolatedDecoder
+from worker.dicom.gate import GateRules, SizeLimits, check_header, check_size
 from worker.dicom.gsps import build_findings_gsps
-from worker.dicom.pixels import DisplayImage, PixelDataError, read_display_pixels
+from worker.dicom.pixels import DisplayImage, PixelDataError
 from worker.dicom.sc import build_heatmap_sc
 from worker.dicom.sr import (
     AlgorithmInfo,
@@ -45,62 +44,15 @@ from worker.regions import Region, finding_region
 
 log = logging.getLogger(__name__)
 
+# Header values above this size are read from the spool file only when something asks for them.
+_DEFER_BYTES = 64 * 1024
+
 SERIES_NUMBERS = {
     OutputKind.SR: 9901,
     OutputKind.SC: 9902,
     OutputKind.GSPS: 9903,
     OutputKind.REPORT: 9904,
 }
-
-
-T = TypeVar("T")
-
-
-class DecodeTimeout(Exception):
-    """A codec ran past its time limit on one image (a decompression bomb or a codec bug)."""
-
-
-def call_with_time_limit(fn: Callable[[], T], seconds: float) -> T:
-    """``fn()``, or DecodeTimeout once it has run ``seconds``.
-
-    In the main thread (prefork and solo workers) SIGALRM interrupts the codec. In a thread-pool
-    worker no portable way to interrupt a codec exists: the call runs in a helper thread that is
-    abandoned at the limit (it finishes or dies with the process) while the job goes on without it.
-    """
-    if seconds <= 0:
-        return fn()
-    if threading.current_thread() is threading.main_thread():
-        return _with_alarm(fn, seconds)
-    outcome: list[Any] = []
-
-    def _call() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:  # handed to the waiting task below
-            outcome.append((False, exc))
-
-    helper = threading.Thread(target=_call, name="decode", daemon=True)
-    helper.start()
-    helper.join(seconds)
-    if not outcome:
-        raise DecodeTimeout
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return cast(T, value)
-
-
-def _with_alarm(fn: Callable[[], T], seconds: float) -> T:
-    def _expire(signum: int, frame: FrameType | None) -> None:
-        raise DecodeTimeout
-
-    previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class Inference(Protocol):
@@ -122,6 +74,7 @@ class Runtime:
     settings: Settings
     sessions: sessionmaker[Session]
     _predictor: Inference | None = field(default=None, init=False)
+    _decoder: IsolatedDecoder | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -131,11 +84,29 @@ class Runtime:
                 self._predictor = make_inference(self.settings)
             return self._predictor
 
+    @property
+    def decoder(self) -> IsolatedDecoder:
+        """Pixel decoding in limited child processes (started on first use, in the process using it)."""
+        with self._lock:
+            if self._decoder is None:
+                s = self.settings
+                self._decoder = IsolatedDecoder(
+                    s.tmp_dir / "decode", DecodeLimits(s.decode_timeout_seconds, s.decode_memory_limit_bytes)
+                )
+            return self._decoder
+
     def close(self) -> None:
         with self._lock:
             if isinstance(self._predictor, BatchingPredictor):
                 self._predictor.close()
             self._predictor = None
+            if self._decoder is not None:
+                self._decoder.close()
+            self._decoder = None
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits(self.settings.max_image_pixels, self.settings.max_instance_bytes)
 
     @property
     def gate_rules(self) -> GateRules:
@@ -207,6 +178,26 @@ def _write(ds: Dataset, path: Path) -> Path:
     ds.save_as(tmp, enforce_file_format=True)
     tmp.replace(path)
     return path
+
+
+# What the "not analysed" report says beside a reason code, for the codes a reader could not guess.
+_REASON_TEXTS = {
+    ReasonCode.IMAGE_TOO_LARGE: "Rows x Columns x frames over the gateway's limit",
+    ReasonCode.INSTANCE_TOO_LARGE: "the instance is larger than the gateway's limit",
+    ReasonCode.PIXEL_DECODE_MEMORY: "decoding needed more memory than the gateway allows",
+    ReasonCode.PIXEL_DECODE_TIMEOUT: "decoding took longer than the gateway allows",
+    ReasonCode.RESCALE_INVALID: "Rescale Slope/Intercept is not a finite number, or the slope is zero",
+    ReasonCode.WINDOW_INVALID: "Window Center/Width is not a usable window",
+    ReasonCode.IMAGE_BLANK: "the rendered image is (nearly) one grey: no anatomy to analyse",
+    ReasonCode.DYNAMIC_RANGE_ABSURD: "the pixel values span more than any detector produces",
+    ReasonCode.PIXEL_MODULE_INCONSISTENT: "the Image Pixel module contradicts itself or the pixel data",
+    ReasonCode.DATASET_MALFORMED: "the header cannot be read",
+}
+
+
+def _explained(reason: str) -> str:
+    text = next((t for code, t in _REASON_TEXTS.items() if code.value == reason), None)
+    return f"{reason} ({text})" if text else reason
 
 
 # The states a run may finish a job from: a job that is already done, failed, skipped or cancelled keeps
@@ -315,14 +306,27 @@ def _analyse(
         if not path.is_file():
             gate[sop_uid] = ReasonCode.SPOOL_FILE_MISSING
             continue
-        ds = dcmread(path)
+        try:
+            # Large values (the pixel data) stay on disk: the decoder child reads them, not this process.
+            ds = dcmread(path, defer_size=_DEFER_BYTES)
+            decision = check_size(ds, path.stat().st_size, rt.size_limits)
+            if decision.eligible:
+                decision = check_header(ds, rt.gate_rules)
+        except Exception as exc:  # a header pydicom cannot read costs this instance, not the study
+            log.warning(
+                "job=%s instance unreadable reason=%s error=%s",
+                job_id,
+                ReasonCode.DATASET_MALFORMED,
+                type(exc).__name__,
+            )
+            gate[sop_uid] = ReasonCode.DATASET_MALFORMED
+            continue
         received.append(ds)
-        decision = check_header(ds, rt.gate_rules)
         if not decision.eligible:
             gate[sop_uid] = decision.reason
             continue
         try:
-            display = call_with_time_limit(partial(read_display_pixels, ds), settings.decode_timeout_seconds)
+            display = rt.decoder.decode(path)
         except PixelDataError as exc:
             gate[sop_uid] = exc.reason
             continue
@@ -341,10 +345,11 @@ def _analyse(
         if not received:
             raise PermanentError(ReasonCode.NO_IMAGES, "no readable instance in the study")
         reasons = {uid: str(r) for uid, r in gate.items() if r}
+        texts = {uid: _explained(r) for uid, r in reasons.items()}
         sr_uid = derive_uid(prefix, study_uid, bundle.version, "not-analysed-sr")
         sr = build_not_analysed_sr(
             received,
-            reasons,
+            texts,
             algo,
             series_instance_uid=derive_uid(prefix, study_uid, bundle.version, "sr-series"),
             sop_instance_uid=sr_uid,

@@ -230,6 +230,21 @@ class Settings(BaseSettings):
     gate_view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP", ""])
     gate_min_side: int = Field(default=256, ge=1, description="smallest Rows/Columns analysed")
     decode_timeout_seconds: float = Field(default=30.0, ge=0, description="per-image pixel decode limit")
+    # Resource limits for hostile or broken input, checked from the header before any decode. A 4300 px
+    # square detector is 18.5 Mpx; 50 Mpx leaves room for any real radiograph.
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="Rows × Columns × frames")
+    # Bytes of one received instance: the listener aborts a transfer that passes it, the worker skips
+    # a spooled file over it.
+    max_instance_bytes: int = Field(default=1024**3, ge=1024)
+    # Address space of the subprocess that decodes one image (RLIMIT_AS): a codec that asks for more
+    # fails that image (pixel_decode_memory), never the worker.
+    decode_memory_limit_bytes: int = Field(default=3 * 1024**3, ge=256 * 1024**2)
+    # Largest PDU the listener advertises and accepts (P-DATA); an association that sends a bigger one
+    # is aborted before its body is read.
+    listener_max_pdu_bytes: int = Field(default=1 << 20, ge=16 * 1024, le=64 << 20)
+    # PDU bytes being received at once across all associations; a PDU that would pass it waits (TCP
+    # pushes back on the sender) up to listener_network_timeout, then its association is aborted.
+    listener_receive_memory_bytes: int = Field(default=64 << 20, ge=1 << 20)
 
     @field_validator("viewer_url")
     @classmethod
@@ -244,6 +259,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_require_client_cert needs tls_ca_certificates to verify clients")
         if not self.listener_plaintext and self.listener_tls_port is None:
             raise ValueError("listener_plaintext=false needs listener_tls_port")
+        if self.listener_receive_memory_bytes < self.listener_max_pdu_bytes:
+            raise ValueError("listener_receive_memory_bytes must hold at least one listener_max_pdu_bytes")
         if self.reconcile_worker_lost_after_seconds < 2 * self.worker_heartbeat_seconds:
             # One late heartbeat (a busy database, a GC pause) must not re-run a healthy worker's jobs.
             raise ValueError(
@@ -271,6 +288,11 @@ class Settings(BaseSettings):
     @property
     def output_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Scratch files (decoded pixels, library caches): nothing is written outside data_dir."""
+        return self.data_dir / "tmp"
 
     @property
     def effective_database_url(self) -> str:

@@ -41,6 +41,20 @@ class ReasonCode(StrEnum):
     PIXEL_DECODE_ERROR = "pixel_decode_error"
     PIXEL_DECODE_TIMEOUT = "pixel_decode_timeout"
     PIXEL_MODULE_INCONSISTENT = "pixel_module_inconsistent"
+    # Resource limits, checked from the header before any decode (settings max_image_pixels,
+    # max_instance_bytes), and the decoder subprocess's address-space limit.
+    IMAGE_TOO_LARGE = "image_too_large"
+    INSTANCE_TOO_LARGE = "instance_too_large"
+    PIXEL_DECODE_MEMORY = "pixel_decode_memory"
+    # Pixels that are not an image: rescale or window values that cannot be applied, a (near-)constant
+    # rendered image, modality values spanning more than any detector produces.
+    RESCALE_INVALID = "rescale_invalid"
+    WINDOW_INVALID = "window_invalid"
+    IMAGE_BLANK = "image_blank"
+    DYNAMIC_RANGE_ABSURD = "dynamic_range_absurd"
+    # A source attribute copied into an output was invalid for its VR: fixed (normalised) or left out.
+    SOURCE_ATTRIBUTE_NORMALISED = "source_attribute_normalised"
+    SOURCE_ATTRIBUTE_DROPPED = "source_attribute_dropped"
     SPOOL_FILE_MISSING = "spool_file_missing"
     INFERENCE_ERROR = "inference_error"
     OUTPUT_BUILD_ERROR = "output_build_error"
@@ -54,6 +68,10 @@ class ReasonCode(StrEnum):
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     DATASET_MALFORMED = "dataset_malformed"
+    # Associations aborted by the listener's PDU guard (service.scp.pduguard).
+    PDU_TOO_LARGE = "pdu_too_large"
+    PROTOCOL_VIOLATION = "protocol_violation"
+    RECEIVE_MEMORY_BUSY = "receive_memory_busy"
     MISSING_UIDS = "missing_uids"
     INVALID_UIDS = "invalid_uids"
     UID_MISMATCH = "uid_mismatch"

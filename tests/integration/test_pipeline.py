@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from worker.pipeline import Runtime, process_study
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Runtime:
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
     settings = load_settings(
         data_dir=tmp_path, destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=104)]
     )
     migrate(settings)
-    return Runtime(settings=settings, sessions=make_session_factory(settings))
+    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
+    yield rt
+    rt.close()  # the decoder processes
 
 
 def _enqueue_files(rt: Runtime, files: list[Path]) -> str:
@@ -135,23 +138,17 @@ def test_a_finished_job_hands_back_its_undelivered_outputs(runtime: Runtime, sha
     assert process_study(job_id, runtime) == first[1:]
 
 
-def test_a_decode_over_the_time_limit_is_recorded_not_fatal(
-    runtime: Runtime, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_decode_over_the_time_limit_is_killed_recorded_not_fatal(
+    runtime: Runtime, shared_dir: Path
 ) -> None:
+    """A real codec (JPEG 2000, 3.6 Mpx: far longer than 50 ms) is killed at the limit; the job goes on."""
     import time as _time
 
-    import worker.pipeline as pipeline
-
-    def slow_decode(ds: object, **_: object) -> object:
-        _time.sleep(5)
-        raise AssertionError("the time limit should have stopped this")
-
-    monkeypatch.setattr(pipeline, "read_display_pixels", slow_decode)
-    runtime.settings.decode_timeout_seconds = 0.5
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    runtime.settings.decode_timeout_seconds = 0.05
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     t0 = _time.monotonic()
     process_study(job_id, runtime)
-    assert _time.monotonic() - t0 < 4
+    assert _time.monotonic() - t0 < 30  # the decoder's start-up, not the decode
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -206,33 +203,17 @@ def test_studies_run_as_threads_share_forward_passes(tmp_path: Path, shared_dir:
 
 
 def test_the_decode_limit_holds_in_a_thread_pool_worker(runtime: Runtime, shared_dir: Path) -> None:
-    """No SIGALRM outside the main thread: the codec is abandoned at the limit, the job goes on."""
+    """No SIGALRM outside the main thread: the decoder process is killed at the limit all the same."""
     import threading
     import time as _time
 
-    import worker.pipeline as pipeline
-
-    released = threading.Event()
-
-    def stuck_decode(ds: object, **_: object) -> object:
-        released.wait(10)
-        raise AssertionError("abandoned")
-
-    runtime.settings.decode_timeout_seconds = 0.5
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
-    original = pipeline.read_display_pixels
-    pipeline.read_display_pixels = stuck_decode  # type: ignore[assignment]
-    took: list[float] = []
-    try:
-        t0 = _time.monotonic()
-        worker_thread = threading.Thread(target=lambda: process_study(job_id, runtime))
-        worker_thread.start()
-        worker_thread.join(8)
-        took.append(_time.monotonic() - t0)
-    finally:
-        released.set()
-        pipeline.read_display_pixels = original  # type: ignore[assignment]
-    assert took[0] < 4
+    runtime.settings.decode_timeout_seconds = 0.05
+    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    worker_thread = threading.Thread(target=lambda: process_study(job_id, runtime))
+    t0 = _time.monotonic()
+    worker_thread.start()
+    worker_thread.join(60)
+    assert not worker_thread.is_alive() and _time.monotonic() - t0 < 30
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT

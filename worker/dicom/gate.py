@@ -82,3 +82,33 @@ def check_header(ds: Dataset, rules: GateRules | None = None) -> GateDecision:
     if min(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) < rules.min_side:
         return GateDecision.reject(ReasonCode.TOO_SMALL)
     return GateDecision.accept()
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """Resource limits checked from the header before any decode (settings max_image_pixels and
+    max_instance_bytes)."""
+
+    max_image_pixels: int
+    max_instance_bytes: int
+
+
+def check_size(ds: Dataset, file_bytes: int, limits: SizeLimits) -> GateDecision:
+    """Refuse an instance whose file or declared pixel matrix is over the limits.
+
+    Only header values are read: the decoder would reserve Rows x Columns x frames samples however few
+    bytes encode them (a 105-byte JPEG 2000 stream can declare 65000 x 65000).
+    """
+    if file_bytes > limits.max_instance_bytes:
+        return GateDecision.reject(ReasonCode.INSTANCE_TOO_LARGE)
+    try:
+        rows = int(ds.get("Rows", 0) or 0)
+        columns = int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return GateDecision.reject(ReasonCode.PIXEL_MODULE_INCONSISTENT)
+    if rows < 0 or columns < 0 or frames < 0:
+        return GateDecision.reject(ReasonCode.PIXEL_MODULE_INCONSISTENT)
+    if rows * columns * max(frames, 1) > limits.max_image_pixels:
+        return GateDecision.reject(ReasonCode.IMAGE_TOO_LARGE)
+    return GateDecision.accept()

@@ -7,11 +7,14 @@ VOI transform, a robust percentile stretch stands in for it so the model sees co
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
+import pydicom.multival
 from PIL import Image
 from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_voi_lut
 
@@ -20,6 +23,7 @@ from service.core.status import ReasonCode
 __all__ = [
     "DisplayImage",
     "PixelDataError",
+    "codestream_size",
     "inversion_score",
     "looks_inverted",
     "read_display_pixels",
@@ -30,6 +34,15 @@ FloatImage = npt.NDArray[np.float32]
 _GREY_INTERPRETATIONS = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _PIXEL_MODULE_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
 _PERCENTILES = (0.5, 99.5)
+
+# "Not an image" limits. On the 1321 NIH images and the shared DICOM chest files the rendered images have
+# a standard deviation of at least 0.15 and at most 65 % of their pixels in one of 64 grey bins; a blank
+# or saturated rendering (a NaN rescale, a window far off the data) lies far beyond both.
+_MIN_RENDERED_STD = 0.02
+_MAX_BIN_FRACTION = 0.95
+_HISTOGRAM_BINS = 64
+# No detector produces modality values spanning more than 32 bits; a wider span is a broken rescale.
+_MAX_MODALITY_SPAN = float(2**32)
 
 # Heuristic geometry, as fractions of the body bounding box (see `inversion_score`).
 _SCORE_SIDE = 128
@@ -69,6 +82,7 @@ def read_display_pixels(ds: pydicom.Dataset, *, auto_invert: bool = True) -> Dis
     (see `looks_inverted`) is flipped too, and `inverted_by_heuristic` says so.
     """
     _check_pixel_module(ds)
+    _check_transform_values(ds)
     try:
         stored = np.asarray(ds.pixel_array)
     except Exception as exc:  # decoders raise many types; all mean the same thing to the caller
@@ -77,14 +91,20 @@ def read_display_pixels(ds: pydicom.Dataset, *, auto_invert: bool = True) -> Dis
         raise PixelDataError(ReasonCode.NOT_2D_GREY, f"decoded pixel array has shape {stored.shape}")
 
     try:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        scaled = _apply_voi(values, ds)
+        with np.errstate(all="ignore"):  # overflow shows up as non-finite values, checked below
+            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        _check_modality_values(values)
+        with np.errstate(all="ignore"):
+            scaled = _apply_voi(values, ds)
+    except PixelDataError:
+        raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as exc:
         raise PixelDataError(
             ReasonCode.PIXEL_MODULE_INCONSISTENT, f"cannot apply modality/VOI transform: {exc}"
         ) from exc
 
-    pixels = np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    pixels = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0).astype(np.float32)
+    _check_rendered(pixels)
     by_label = str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
     if by_label:
         pixels = 1.0 - pixels
@@ -203,8 +223,17 @@ def _check_pixel_module(ds: pydicom.Dataset) -> None:
             f"BitsAllocated {allocated}, BitsStored {stored}, HighBit {high_bit}",
         )
 
-    # Encapsulated (compressed) Pixel Data has undefined length; its size says nothing about geometry.
-    if not ds["PixelData"].is_undefined_length:
+    # Encapsulated (compressed) Pixel Data has undefined length; its size says nothing about geometry,
+    # but the codestream's own header does, and the decoder allocates what that header declares (a
+    # 105-byte JPEG 2000 stream can declare 65000 x 65000).
+    if ds["PixelData"].is_undefined_length:
+        declared = codestream_size(_first_fragment(ds))
+        if declared is not None and declared != (rows, columns):
+            raise PixelDataError(
+                ReasonCode.PIXEL_MODULE_INCONSISTENT,
+                f"codestream declares {declared[0]} x {declared[1]}; Rows x Columns is {rows} x {columns}",
+            )
+    else:
         expected = (rows * columns * allocated + 7) // 8
         available = len(ds.PixelData)
         if available < expected:
@@ -212,6 +241,106 @@ def _check_pixel_module(ds: pydicom.Dataset) -> None:
                 ReasonCode.PIXEL_MODULE_INCONSISTENT,
                 f"{rows} x {columns} x {allocated} bits needs {expected} bytes; Pixel Data has {available}",
             )
+
+
+# Start-of-frame markers of JPEG (SOF0-3, 5-7, 9-11, 13-15) and JPEG-LS (SOF55).
+_SOF_MARKERS = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+)
+
+
+def codestream_size(stream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None for other data (RLE) or
+    a header too short to tell (the decoder then fails on it)."""
+    if stream[:4] == b"\xff\x4f\xff\x51" and len(stream) >= 24:  # J2K: SOC, SIZ (ISO 15444-1 A.5.1)
+        x_size, y_size, x_offset, y_offset = struct.unpack(">4L", stream[8:24])
+        return y_size - y_offset, x_size - x_offset
+    if stream[:2] != b"\xff\xd8":  # not JPEG / JPEG-LS (ISO 10918-1 B.2, 14495-1 C.2.2)
+        return None
+    pos = 2
+    while pos + 4 <= len(stream):
+        if stream[pos] != 0xFF:
+            return None
+        marker = stream[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        (length,) = struct.unpack(">H", stream[pos + 2 : pos + 4])
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(stream):
+                return None
+            rows, columns = struct.unpack(">HH", stream[pos + 5 : pos + 9])
+            return int(rows), int(columns)
+        pos += 2 + length
+    return None
+
+
+def _first_fragment(ds: pydicom.Dataset) -> bytes:
+    """The first bytes of the first frame's first fragment (the Basic Offset Table skipped)."""
+    data = bytes(ds.PixelData)
+    pos = 0
+    for _ in range(2):  # the offset table item, then the first fragment
+        if len(data) < pos + 8 or data[pos : pos + 4] != b"\xfe\xff\x00\xe0":
+            return b""
+        (length,) = struct.unpack("<L", data[pos + 4 : pos + 8])
+        if pos == 0:
+            pos = 8 + length
+            continue
+        return data[pos + 8 : pos + 8 + min(length, 1 << 16)]
+    return b""
+
+
+def _first_number(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """The first value of a numeric (DS/IS/FD) attribute as a float; None when absent or empty."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        if not value:
+            return None
+        value = value[0]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")  # present but not a number: as unusable as NaN
+
+
+def _check_transform_values(ds: pydicom.Dataset) -> None:
+    """Rescale and window values the rendering chain would turn into a blank or garbage image."""
+    slope = _first_number(ds, "RescaleSlope")
+    intercept = _first_number(ds, "RescaleIntercept")
+    if slope is not None and (not math.isfinite(slope) or slope == 0.0):
+        raise PixelDataError(ReasonCode.RESCALE_INVALID, "Rescale Slope is not a finite non-zero number")
+    if intercept is not None and not math.isfinite(intercept):
+        raise PixelDataError(ReasonCode.RESCALE_INVALID, "Rescale Intercept is not a finite number")
+    if ds.get("VOILUTSequence"):
+        return  # the LUT is used, not the window
+    center = _first_number(ds, "WindowCenter")
+    width = _first_number(ds, "WindowWidth")
+    if center is None or width is None:
+        return  # no window: the percentile stretch stands in
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0.0:
+        raise PixelDataError(ReasonCode.WINDOW_INVALID, "Window Center/Width is not a finite window")
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    if function == "LINEAR" and width < 1.0:  # PS3.3 C.11.2.1.2.1
+        raise PixelDataError(ReasonCode.WINDOW_INVALID, "a LINEAR window narrower than 1")
+
+
+def _check_modality_values(values: npt.NDArray[np.float64]) -> None:
+    if not np.isfinite(values).all():
+        raise PixelDataError(ReasonCode.RESCALE_INVALID, "the modality transform gives non-finite values")
+    span = float(values.max() - values.min()) if values.size else 0.0
+    if not math.isfinite(span) or span > _MAX_MODALITY_SPAN:
+        raise PixelDataError(ReasonCode.DYNAMIC_RANGE_ABSURD, "modality values span more than 32 bits")
+
+
+def _check_rendered(pixels: FloatImage) -> None:
+    """A rendered image that is one grey (or nearly: saturated by the window) carries no anatomy."""
+    if float(pixels.std()) < _MIN_RENDERED_STD:
+        raise PixelDataError(ReasonCode.IMAGE_BLANK, "the rendered image is constant")
+    counts, _ = np.histogram(pixels, bins=_HISTOGRAM_BINS, range=(0.0, 1.0))
+    if float(counts.max()) >= _MAX_BIN_FRACTION * pixels.size:
+        raise PixelDataError(ReasonCode.IMAGE_BLANK, "the rendered image is nearly constant")
 
 
 def _number_of_frames(ds: pydicom.Dataset) -> int:

@@ -271,3 +271,76 @@ def test_corrupt_jpeg_is_a_decode_error(shared_dir: Path) -> None:
     # JPEG decoders shrug off a damaged scan (they fill in grey), but not a stream that ends after SOI.
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xe0" + b"\x00" * 10])
     assert _reason(ds) == ReasonCode.PIXEL_DECODE_ERROR
+
+
+# ---------------------------------------------------------------------------------------------- not an image
+
+
+def _real(**attrs: object) -> pydicom.Dataset:
+    """A real NIH chest X-ray as 12-bit stored values, with header attributes set raw (any string)."""
+    from tests.support.hostile import nih_pixels
+
+    ds = _synthetic(nih_pixels())
+    for keyword, value in attrs.items():
+        ds.add_new(keyword, pydicom.datadict.dictionary_VR(keyword), value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("attrs", "reason"),
+    [
+        ({"RescaleSlope": "NaN"}, ReasonCode.RESCALE_INVALID),
+        ({"RescaleSlope": "0"}, ReasonCode.RESCALE_INVALID),
+        ({"RescaleSlope": "inf", "RescaleIntercept": "0"}, ReasonCode.RESCALE_INVALID),
+        ({"RescaleSlope": "1", "RescaleIntercept": "-inf"}, ReasonCode.RESCALE_INVALID),
+        (
+            {"RescaleSlope": "1e308", "RescaleIntercept": "0"},
+            ReasonCode.RESCALE_INVALID,
+        ),  # overflows to inf on the way
+        ({"RescaleSlope": "1e12", "RescaleIntercept": "0"}, ReasonCode.DYNAMIC_RANGE_ABSURD),
+        ({"WindowCenter": "NaN", "WindowWidth": "400"}, ReasonCode.WINDOW_INVALID),
+        ({"WindowCenter": "2048", "WindowWidth": "0"}, ReasonCode.WINDOW_INVALID),
+        ({"WindowCenter": "2048", "WindowWidth": "-5"}, ReasonCode.WINDOW_INVALID),
+        ({"WindowCenter": "2048", "WindowWidth": "0.5"}, ReasonCode.WINDOW_INVALID),
+        # A window far off the data saturates every pixel: one grey.
+        ({"WindowCenter": "90000", "WindowWidth": "10"}, ReasonCode.IMAGE_BLANK),
+        ({"WindowCenter": "-90000", "WindowWidth": "10"}, ReasonCode.IMAGE_BLANK),
+    ],
+)
+def test_pixels_that_are_not_an_image_are_refused_with_a_reason(
+    shared_dir: Path, attrs: dict[str, str], reason: ReasonCode
+) -> None:
+    """Before: a NaN slope rendered an all-black image, analysed with 8 findings "present"."""
+    with pytest.raises(PixelDataError) as caught:
+        read_display_pixels(_real(**attrs))
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize("value", [0, 4095])
+def test_a_constant_image_is_blank(value: int) -> None:
+    with pytest.raises(PixelDataError) as caught:
+        read_display_pixels(_synthetic(np.full((300, 300), value, np.uint16)))
+    assert caught.value.reason == ReasonCode.IMAGE_BLANK
+
+
+def test_a_nearly_constant_image_is_blank() -> None:
+    image = np.full((300, 300), 1000, np.uint16)
+    image[:5, :5] = 4000  # a marker in a corner is no anatomy
+    with pytest.raises(PixelDataError) as caught:
+        read_display_pixels(_synthetic(image))
+    assert caught.value.reason == ReasonCode.IMAGE_BLANK
+
+
+def test_valid_rescale_and_windows_still_render(shared_dir: Path) -> None:
+    ds = _real(RescaleSlope="2", RescaleIntercept="-1024", WindowCenter="3072", WindowWidth="8192")
+    assert float(read_display_pixels(ds).pixels.std()) > 0.05
+
+
+def test_a_codestream_that_declares_another_size_is_inconsistent(shared_dir: Path) -> None:
+    from tests.support.hostile import chest_cr, with_bomb
+
+    ds = with_bomb(chest_cr(), 65000, 65000, header=(512, 512))
+    with pytest.raises(PixelDataError) as caught:
+        read_display_pixels(ds)
+    assert caught.value.reason == ReasonCode.PIXEL_MODULE_INCONSISTENT
+    assert "65000" in str(caught.value)
