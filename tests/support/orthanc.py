@@ -35,6 +35,19 @@ T = TypeVar("T")
 
 HOST = "127.0.0.1"
 DEFAULT_BINARY = "/usr/sbin/Orthanc"
+PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
+# Debian packages orthanc-dicomweb and orthanc-webviewer.
+DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
+WEBVIEWER_PLUGIN = PLUGIN_DIR / "libOrthancWebViewer.so"
+# DICOMweb for viewers (OHIF): QIDO/WADO-RS under /dicom-web/, WADO-URI at /wado. No "Host": Debian's
+# default "localhost" would make the bulk-data links in the metadata point at localhost, not at the origin
+# the viewer used (a one-origin proxy).
+DICOMWEB_CONFIG: dict[str, Any] = {
+    "Enable": True,
+    "Root": "/dicom-web/",
+    "EnableWado": True,
+    "WadoRoot": "/wado",
+}
 
 
 class OrthancError(RuntimeError):
@@ -80,6 +93,8 @@ class OrthancServer:
     ``workdir`` keeps storage, index, config and log there (e.g. pytest's ``tmp_path``, which survives the
     run for post-mortems); without it a temp dir is created and removed on stop.
     ``extra_config`` is merged last over the defaults below.
+    ``dicomweb`` / ``webviewer`` load the DICOMweb plugin (``DICOMWEB_CONFIG``) and the Web Viewer plugin
+    (``/web-viewer/app/viewer.html?series=<id>``) by their full paths; by default no plugin is loaded.
     """
 
     def __init__(
@@ -92,8 +107,12 @@ class OrthancServer:
         verbose: bool = False,
         startup_timeout: float = 30.0,
         binary: str | None = None,
+        dicomweb: bool = False,
+        webviewer: bool = False,
     ) -> None:
         self.aet = aet
+        self.dicomweb = dicomweb
+        self.webviewer = webviewer
         self.host = HOST
         self.modalities: dict[str, list[str | int]] = {k: list(v) for k, v in (modalities or {}).items()}
         self.extra_config: dict[str, Any] = dict(extra_config or {})
@@ -116,6 +135,12 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def plugins(self) -> list[str]:
+        """Full paths of the plugin libraries this server loads."""
+        wanted = ((DICOMWEB_PLUGIN, self.dicomweb), (WEBVIEWER_PLUGIN, self.webviewer))
+        return [str(path) for path, on in wanted if on]
+
     def config(self) -> dict[str, Any]:
         """The JSON config written for the current ports."""
         cfg: dict[str, Any] = {
@@ -123,8 +148,8 @@ class OrthancServer:
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"),
             "StorageCompression": False,
-            # Empty lists: never load the Debian plugins or any Lua from /etc/orthanc.
-            "Plugins": [],
+            # Never the Debian plugin folder or any Lua from /etc/orthanc: only the plugins asked for.
+            "Plugins": self.plugins,
             "LuaScripts": [],
             "ConcurrentJobs": 2,
             "HttpServerEnabled": True,
@@ -172,6 +197,10 @@ class OrthancServer:
             "DeidentifyLogs": False,
             "MallocArenaMax": 5,
         }
+        if self.dicomweb:
+            cfg["DicomWeb"] = dict(DICOMWEB_CONFIG)
+        if self.webviewer:
+            cfg["WebViewer"] = {"CachePath": str(self.workdir / "webviewer-cache"), "Threads": 2}
         cfg.update(self.extra_config)
         return cfg
 
@@ -184,6 +213,8 @@ class OrthancServer:
             return self
         if not os.access(self.binary, os.X_OK):
             raise OrthancError(f"Orthanc binary not found/executable: {self.binary}")
+        if missing := [p for p in self.plugins if not os.path.isfile(p)]:
+            raise OrthancError(f"Orthanc plugin(s) not installed: {', '.join(missing)}")
         last_error = ""
         reuse = keep_ports and self.http_port and self.dicom_port
         for _ in range(1 if reuse else attempts):
