@@ -38,6 +38,12 @@ test:
 pytest: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Orthanc (DICOMweb) + OHIF + the gateway on this machine, the shared chest studies sent, links printed;
+# Ctrl-C stops it all. See deploy/demo/run_demo.sh (ports, DEMO_STUDIES).
+.PHONY: demo
+demo: $(VENV)/.installed
+	VENV='$(VENV)' deploy/demo/run_demo.sh
+
 # The quick benchmarks (minutes); ingest_bench.py and load_fault.py take longer: see docs/benchmarks.md.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/inference_bench.py
