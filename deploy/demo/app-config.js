@@ -1,7 +1,8 @@
 // OHIF Viewer 3.13 configuration for the viewer demo: OHIF and Orthanc's DICOMweb share one origin
 // (Orthanc sends no CORS headers), so every root below is a path on the page's own host.
-// Served as /app-config.js by deploy/demo/viewer_proxy.py (`make demo`) and mounted into the
-// ohif/app container by deploy/demo/compose.yaml; see /work/shared/VIEWERS.md for why each key is set.
+// Served as /app-config.js by deploy/demo/viewer_proxy.py (`make demo`) and by the nginx of
+// deploy/demo/compose.yaml, in place of the one in OHIF's build (which points at a public demo server).
+// Why each key is set: ../shared/VIEWERS.md beside the repository.
 window.config = {
   routerBasename: '/',
   extensions: [],
