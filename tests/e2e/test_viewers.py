@@ -263,6 +263,30 @@ def test_results_sr_lists_all_14_findings_in_ohif(site: Site, browser: Any, shot
         assert rows[0].split(": ")[1].startswith("Present" if label in present else "Absent"), rows[0]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="OHIF 3.13's text viewport prints a CODE item's value but not its HAS PROPERTIES children, so the "
+    "results report's per-finding score and operating point are not on screen (only the Impression line "
+    "names the present findings' scores); drop this mark when the report puts them where OHIF shows them",
+)
+def test_results_sr_shows_every_findings_score_in_ohif(site: Site, browser: Any) -> None:
+    probabilities = site.chest.analysed_image()["probabilities"]
+    with site.ohif(browser, site.chest, RESULTS_SR) as ohif:
+        assert ohif.shown == "text", describe(ohif.problems_report())
+        lines = [line.lower() for line in ohif.sr_text().splitlines()]
+    unseen = []
+    for label, value in probabilities.items():
+        shown = [
+            float(number)
+            for line in lines
+            if STEMS[label] in line
+            for number in re.findall(r"(?<![\d.])\d+\.\d+(?![\d.])", line)
+        ]
+        if not any(abs(number - value) < 0.006 for number in shown):
+            unseen.append(f"{label} {value:.2f}")
+    assert not unseen, f"scores not on screen: {unseen}"
+
+
 def test_not_analysed_sr_opens_in_ohif(site: Site, browser: Any, shots: Screenshots) -> None:
     assert site.not_chest.job["status"] == "skipped"
     with site.ohif(browser, site.not_chest, MEASUREMENT_SR) as ohif:
