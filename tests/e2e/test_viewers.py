@@ -129,12 +129,22 @@ def _require_peers() -> Path:
 
 
 def _final(jobs: list[dict[str, Any]]) -> bool:
+    """Both jobs over: failed, or finished with every output delivered."""
     return len(jobs) == 2 and all(
-        j["status"] in {"done", "skipped", "failed"}
-        and j["deliveries"]
-        and all(d["status"] == "delivered" for d in j["deliveries"])
+        j["status"] == "failed"
+        or (
+            j["status"] in {"done", "skipped"}
+            and j["deliveries"]
+            and all(d["status"] == "delivered" for d in j["deliveries"])
+        )
         for j in jobs
     )
+
+
+def _study_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
 def _study(
@@ -176,7 +186,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 jobs = gateway.wait_for_jobs(_final, timeout=150)
                 done = {j["status"]: j for j in jobs}
                 assert set(done) == {"done", "skipped"}, describe(jobs)
-                chest_uid, other_uid = (str(read_uid(p)) for p in (chest, other))
+                chest_uid, other_uid = _study_uid(chest), _study_uid(other)
                 with ViewerProxy(dist, pacs.url, log_path=base / "proxy.log") as proxy:
                     yield Site(
                         pacs,
@@ -191,12 +201,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 print(gateway.log_tail(120))
                 print(pacs.log_tail(40))
                 raise
-
-
-def read_uid(path: Path) -> str:
-    from pydicom import dcmread
-
-    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
 @pytest.fixture(scope="module")
