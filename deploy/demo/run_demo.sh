@@ -29,8 +29,9 @@ die() { say "demo: $*"; exit 1; }
 for lib in libOrthancDicomWeb.so libOrthancWebViewer.so; do
   [ -f "$PLUGINS/$lib" ] || die "$PLUGINS/$lib missing (apt-get install orthanc-dicomweb orthanc-webviewer)"
 done
+# DCMTK by its path: pynetdicom installs its own storescu into the venv, which may come first on PATH.
 for tool in storescu dcmodify dcmdump; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install dcmtk)"
+  [ -x "/usr/bin/$tool" ] || die "/usr/bin/$tool not found (apt-get install dcmtk)"
 done
 # shellcheck disable=SC2206  # the glob is meant to expand
 files=($STUDIES)
@@ -143,17 +144,17 @@ declare -A PROPOSE=(
   [1.2.840.10008.1.2.4.70]=-xs [1.2.840.10008.1.2.4.80]=-xt [1.2.840.10008.1.2.4.81]=-xu
   [1.2.840.10008.1.2.4.90]=-xv [1.2.840.10008.1.2.4.91]=-xw
 )
-tag() { dcmdump -q -s -Un +P "$1" "$2" | sed -n 's/.*\[\([0-9.]*\)\].*/\1/p' | head -1; }
+tag() { /usr/bin/dcmdump -q -s -Un +P "$1" "$2" | sed -n 's/.*\[\([0-9.]*\)\].*/\1/p' | head -1; }
 declare -A NAMES=()
 for file in "${files[@]}"; do
   copy="$DEMO/in/$(basename "$file")"
   cp "$file" "$copy"
-  dcmodify -nb -gst -gse -gin "$copy" >/dev/null
+  /usr/bin/dcmodify -nb -gst -gse -gin "$copy" >/dev/null
   syntax=$(tag TransferSyntaxUID "$copy")
   NAMES[$(tag StudyInstanceUID "$copy")]=$(basename "$file" .dcm)
   # shellcheck disable=SC2086  # an empty proposal option must vanish
   for peer in "ORTHANC:$ORTHANC_DICOM" "CXR_GATEWAY:$GATEWAY_PORT"; do
-    storescu -aet DEMO_MODALITY -aec "${peer%:*}" ${PROPOSE[$syntax]:-} 127.0.0.1 "${peer#*:}" "$copy" \
+    /usr/bin/storescu -aet DEMO_MODALITY -aec "${peer%:*}" ${PROPOSE[$syntax]:-} 127.0.0.1 "${peer#*:}" "$copy" \
       || die "storescu to ${peer%:*} failed for $(basename "$file")"
   done
 done
@@ -187,7 +188,7 @@ done
 say ""
 say "  Dashboard http://127.0.0.1:$DASHBOARD_PORT  user: admin  password: $PASSWORD"
 say "  Orthanc   http://127.0.0.1:$ORTHANC_HTTP/web-viewer/app/viewer.html?series=<series id>  (images only)"
-say "  Send more: storescu -aec CXR_GATEWAY 127.0.0.1 $GATEWAY_PORT <file>  (and to ORTHANC on $ORTHANC_DICOM)"
+say "  Send more: /usr/bin/storescu -aec CXR_GATEWAY 127.0.0.1 $GATEWAY_PORT <file>  (and to ORTHANC on $ORTHANC_DICOM)"
 say "  Logs in $DEMO/. AI results, not for diagnostic use. Ctrl-C stops everything."
 say ""
 # Until Ctrl-C (the trap stops everything), or until one of the servers exits on its own.
