@@ -199,6 +199,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--threads", type=int, default=0)
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit per-finding Platt calibration on a bundle's validation split; report ECE on its test split",
+    )
+    cal.add_argument("--bundle", type=Path, required=True)
+    cal.add_argument(
+        "--images", type=Path, action="append", required=True, help="repeat, paired with --labels"
+    )
+    cal.add_argument("--labels", type=Path, action="append", required=True)
+    cal.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")
+    cal.add_argument(
+        "--write",
+        action="store_true",
+        help="store the calibration in the bundle (only done when it lowers the test-split ECE)",
+    )
+    cal.add_argument("--version", default=None, help="new bundle version string when written")
+    cal.add_argument("--threads", type=int, default=0)
     onnx = sub.add_parser("export-onnx", help="(re)write models/model.onnx from a bundle's weights")
     onnx.add_argument("--bundle", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -206,6 +223,28 @@ def main(argv: list[str] | None = None) -> None:
         from worker.inference.onnx import export_onnx
 
         print(f"wrote {export_onnx(args.bundle)}")
+        return
+    if args.command == "calibrate":
+        from monai_train.calibrate import recalibrate_bundle
+
+        if len(args.images) != len(args.labels):
+            raise SystemExit("give one --labels CSV for each --images folder")
+        report = recalibrate_bundle(
+            args.bundle,
+            args.images,
+            args.labels,
+            write=args.write,
+            threads=args.threads,
+            version=args.version,
+        )
+        text = json.dumps(report, indent=2)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        e = report["ece_test"]
+        print(
+            f"test ECE {e['before']} -> {e['after']} ({report['measured_on']['images']} images); "
+            f"{'written to the bundle' if report['written'] else 'bundle unchanged'}"
+        )
         return
     if args.command != "init-bundle":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from monai_train.bundle import (
     export_bundle,
     inference_config,
 )
+from monai_train.calibrate import fit_platt
 from monai_train.data import LeakageError, Record, Splits, check_no_leakage, data_summary, load_image
 from monai_train.metrics import (
     choose_operating_points,
@@ -49,6 +50,7 @@ from monai_train.metrics import (
     fit_temperature,
     write_curves,
 )
+from worker.inference.calibration import Calibration
 
 log = logging.getLogger("monai_train")
 
@@ -553,14 +555,18 @@ def model_card(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) ->
         f"one-cycle LR peak {tc.lr}, loss {tc.loss} with pos_weight = neg/pos clipped to "
         f"[1, {tc.pos_weight_max}], augmentation: {aug}.",
         f"- Best epoch {result.best_epoch} by {result.extra['selected_by']}; temperature "
-        f"{result.temperature:.3f} fitted on validation logits (NLL); operating points maximise "
-        f"{tc.operating_point.upper()} on calibrated validation probabilities.",
+        f"{result.temperature:.3f} fitted on validation logits (NLL), then per-finding Platt scaling "
+        "(scale + bias per finding, `calibration` in `configs/metadata.json`) fitted on the same validation "
+        f"logits; operating points maximise {tc.operating_point.upper()} on calibrated validation "
+        "probabilities.",
         "",
         f"## Measured on its own held-out test split ({m['n_images']} images)",
         "",
         f"Mean AUROC {_fmt(m['mean_auroc'])} over {m['mean_auroc_labels']} findings; micro-F1 "
         f"{_fmt(m['micro_f1'])}, macro-F1 {_fmt(m['macro_f1'])}, Hamming loss {_fmt(m['hamming_loss'])}, "
-        f"ECE {_fmt(m['ece'])}.",
+        f"ECE {_fmt(m['ece'])} after calibration, {_fmt(m.get('ece_before_calibration'))} with the "
+        "temperature alone; the SR and SC call the outputs probabilities only when calibration lowers "
+        f"the test ECE ({'it did' if result.extra.get('calibrated') else 'it did not'}).",
         "",
     ]
     header = "| finding | test positives | AUROC | AP | F1 |"
@@ -634,19 +640,33 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
 
     val_logits, val_y, _ = predict_logits(net, val_ds, tc.batch_size, device)
     temperature = fit_temperature(val_logits, val_y) if len(val_y) else 1.0
-    points, defaulted = choose_operating_points(
-        val_y, sigmoid(val_logits / temperature), tc.labels, tc.operating_point
-    )
+    # Per-finding Platt scaling on validation, applied by the worker's code (worker.inference.calibration).
+    by_temperature = Calibration.temperature(tc.labels, temperature)
+    calibration = fit_platt(val_logits, val_y, tc.labels) if len(val_y) else by_temperature
+    val_p = calibration.probabilities(val_logits)
+    points, defaulted = choose_operating_points(val_y, val_p, tc.labels, tc.operating_point)
     test_logits, test_y, test_names = predict_logits(net, test_ds, tc.batch_size, device)
-    test_p = sigmoid(test_logits / temperature)
+    test_p = calibration.probabilities(test_logits)
     metrics = compute_metrics(test_y, test_p, tc.labels, points)
     metrics["split"] = "test"
     metrics["operating_point_method"] = tc.operating_point
+    metrics["calibration_method"] = calibration.method
+    metrics["ece_before_calibration"] = compute_metrics(
+        test_y, by_temperature.probabilities(test_logits), tc.labels
+    )["ece"]
+    # The outputs are called probabilities only when calibration holds on the held-out test split.
+    holds = (
+        calibration.method == "platt"
+        and metrics["ece"] is not None
+        and metrics["ece_before_calibration"] is not None
+        and metrics["ece"] < metrics["ece_before_calibration"]
+    )
+    calibration = replace(calibration, calibrated=holds)
     if defaulted:
         metrics["notes"].append(
             f"operating point 0.5 (validation had one class only): {', '.join(defaulted)}"
         )
-    val_metrics = compute_metrics(val_y, sigmoid(val_logits / temperature), tc.labels, points)
+    val_metrics = compute_metrics(val_y, val_p, tc.labels, points)
     metrics["validation"] = {k: val_metrics[k] for k in ("mean_auroc", "auroc", "ece", "n_images")}
     metrics["validation"]["ece_before_temperature"] = compute_metrics(val_y, sigmoid(val_logits), tc.labels)[
         "ece"
@@ -668,6 +688,7 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
         test_probabilities=test_p,
         extra={
             "shared_labels": shared,
+            "calibrated": calibration.calibrated,
             # fit() falls back to validation loss when no label has both classes in validation.
             "selected_by": "validation mean AUROC"
             if any(h["val_mean_auroc"] is not None for h in history)
@@ -696,6 +717,7 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
         labels=tc.labels,
         operating_points=points,
         temperature=temperature,
+        calibration={**calibration.as_metadata(), "fitted_on": {"split": "val", "images": len(val_y)}},
         metrics=metrics,
         training_data=training_data,
         model_card=model_card(tc, result, summary),

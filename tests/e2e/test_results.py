@@ -13,11 +13,13 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
+from service.core.settings import DEFAULT_BUNDLE
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
 from tests.support.studies import with_fresh_uids
+from worker.inference.bundle import load_bundle
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the measurement report
 REPORT = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: the results (and not-analysed) report
@@ -96,9 +98,11 @@ def test_every_chest_encoding_gets_valid_reports_and_sc(
         # One localised group per present finding, each with its image region and a finding-named value.
         present = len(gateway_result(gateway, src)["present"])
         assert dump.count('"Measurement Group"') == dump.count("SCOORD") == present
-        assert dump.count(' score")=') == present
+        # "<finding> probability" for a calibrated bundle (the shipped one is), else "<finding> score".
+        kind = "probability" if load_bundle(DEFAULT_BUNDLE).calibrated else "score"
+        assert dump.count(f' {kind}")=') == present
         report = _dsrdump(next(d for d in outputs if d.SOPClassUID == REPORT).filename)
-        assert '"X-Ray Report"' in report and report.count(' score")=') == 14
+        assert '"X-Ray Report"' in report and report.count(f' {kind}")=') == 14
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID

@@ -73,7 +73,7 @@ def test_chest_study_gives_reports_sc_and_deliveries(runtime: Runtime, shared_di
         image = job.result["images"][0]
         assert image["inverted_by_label"] is True
         assert len(image["probabilities"]) == 14
-        assert image["score_kind"] == "score"  # the shipped demonstration bundle is not calibrated
+        assert image["score_kind"] == "probability"  # the shipped bundle is Platt-calibrated (its model card)
         assert (image["rows"], image["columns"]) == (1955, 1841)
         assert [r["label"] for r in image["regions"]] == image["present"]
         for region in image["regions"]:

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.bundle.config_parser import ConfigParser
+from numpy.typing import ArrayLike, NDArray
 from safetensors.torch import load_file
+
+from worker.inference.calibration import Calibration, CalibrationError
 
 METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
@@ -43,6 +47,13 @@ class Bundle:
     calibrated: bool
     metadata: dict[str, Any] = field(repr=False)
     parser: ConfigParser = field(repr=False)
+    # logits → probabilities (temperature, or Platt per label): `worker.inference.calibration`.
+    calibration: Calibration | None = field(default=None, repr=False)
+
+    def probabilities(self, logits: ArrayLike) -> NDArray[np.float32]:
+        """(n, n_labels) logits → float32 probabilities, exactly as every output of this bundle shows them."""
+        calibration = self.calibration or Calibration.temperature(self.labels, self.temperature)
+        return calibration.probabilities(logits)
 
     def network(self) -> torch.nn.Module:
         net = self.parser.get_parsed_content("network_def", instantiate=True)
@@ -88,6 +99,10 @@ def load_bundle(path: Path | str) -> Bundle:
     out_channels = parser.get_parsed_content("network_def#out_channels")
     if out_channels != len(labels):
         raise BundleError("network out_channels does not match the label count")
+    try:
+        calibration = Calibration.from_metadata(metadata, labels)
+    except (CalibrationError, KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"calibration in metadata.json: {exc}") from exc
     return Bundle(
         path=root,
         name=str(metadata.get("name", root.name)),
@@ -96,7 +111,8 @@ def load_bundle(path: Path | str) -> Bundle:
         operating_points=points,
         temperature=float(metadata.get("temperature", 1.0)),
         sha256=bundle_hash(root),
-        calibrated=bool((metadata.get("calibration") or {}).get("calibrated", False)),
+        calibrated=calibration.calibrated,
         metadata=metadata,
         parser=parser,
+        calibration=calibration,
     )

@@ -62,7 +62,7 @@ def resolve_precision(precision: Precision | str, device: torch.device) -> Preci
 
 @dataclass(frozen=True)
 class Prediction:
-    probabilities: NDArray[np.float32]  # (n_images, n_labels), calibrated by the bundle's temperature
+    probabilities: NDArray[np.float32]  # (n_images, n_labels): Bundle.probabilities of the logits
     cams: NDArray[np.float32]  # (n_images, n_labels, h, w), each map scaled to [0, 1]
     # The forward pass(es) that produced this: how many images, from how many callers (studies).
     batch_images: int = 0
@@ -193,10 +193,11 @@ class Predictor:
     def _finish(self, logits: torch.Tensor, cams: torch.Tensor) -> Prediction:
         """Calibrated probabilities and maps scaled to [0, 1]: one definition for every backend."""
         logits, cams = logits.float(), cams.float()
-        probs = torch.sigmoid(logits / self.bundle.temperature)
+        # The bundle's calibration (worker.inference.calibration), the one training's evaluation uses too.
+        probs = self.bundle.probabilities(logits.detach().cpu().numpy())
         peak = cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
         return Prediction(
-            probabilities=probs.cpu().numpy().astype(np.float32),
+            probabilities=probs,
             cams=(cams / peak).cpu().numpy().astype(np.float32),
             batch_images=int(logits.shape[0]),
         )
