@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
+from sqlalchemy import CursorResult, func, select, text, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.deliveries import ATTEMPT_LEASE, retry_delay
 from service.core.models import Delivery, DeliveryAttempt
 from service.core.settings import Settings
-from service.core.status import DeliveryStatus, ReasonCode
+from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, ReasonCode
 from service.core.tls import client_context
 from worker.dicom.scu import c_store
 from worker.errors import PermanentError, TransientError
@@ -17,15 +21,40 @@ from worker.errors import PermanentError, TransientError
 log = logging.getLogger(__name__)
 
 
-def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session]) -> None:
-    """C-STORE one output; raises TransientError for the caller to retry, records everything else."""
+def deliver(
+    delivery_id: int, settings: Settings, sessions: sessionmaker[Session], attempt: int | None = None
+) -> DeliveryStatus | None:
+    """Make one C-STORE attempt of a delivery and record its outcome and, on failure, when it is due again.
+
+    ``attempt``: how many attempts the row had when its message was sent. The attempt runs only if that
+    is still so (a compare-and-set that claims it): a message sent twice, or one that outlived a newer
+    attempt, does nothing. Without it (an older message) the attempt runs if the delivery is due.
+    Returns the delivery's new status, or None when this message had nothing to do.
+    """
+    now = datetime.now(UTC)
     with sessions.begin() as session:
         row = session.get(Delivery, delivery_id)
-        if row is None or row.status == DeliveryStatus.DELIVERED:
-            return
-        row.attempts += 1
+        if row is None or row.status not in OPEN_DELIVERY_STATUSES:
+            return None
+        if attempt is None:
+            attempt = row.attempts
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                return None
+        claim: CursorResult[object] = session.execute(  # type: ignore[assignment]
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.attempts == attempt,
+                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
+            )
+            .values(attempts=attempt + 1, next_attempt_at=now + ATTEMPT_LEASE, dispatched_at=None)
+        )
+        if claim.rowcount == 0:
+            log.info("delivery=%d attempt %d already made; message dropped", delivery_id, attempt + 1)
+            return None
         path = settings.output_dir / row.output_path
         target = (row.ae_title, row.host, row.port)
+    attempts = attempt + 1
     started = datetime.now(UTC)
     try:
         if not path.is_file():
@@ -39,15 +68,49 @@ def deliver(delivery_id: int, settings: Settings, sessions: sessionmaker[Session
             tls_context=client_context(settings) if _uses_tls(settings, target) else None,
         )
     except TransientError as exc:
-        _record(sessions, delivery_id, DeliveryStatus.RETRYING, str(exc), started)
-        log.warning("delivery=%d to ae=%s retrying reason=%s", delivery_id, target[0], exc.reason)
-        raise
+        tries = _attempts_since_replay(sessions, delivery_id) + 1
+        if tries > settings.delivery_max_retries:
+            _record(sessions, delivery_id, attempts, DeliveryStatus.DEAD_LETTER, str(exc), started)
+            log.error(
+                "delivery=%d to ae=%s dead-lettered after %d attempts", delivery_id, target[0], attempts
+            )
+            return DeliveryStatus.DEAD_LETTER
+        due = datetime.now(UTC) + retry_delay(settings, tries)
+        _record(sessions, delivery_id, attempts, DeliveryStatus.RETRYING, str(exc), started, due)
+        log.warning(
+            "delivery=%d to ae=%s retrying reason=%s due=%s",
+            delivery_id,
+            target[0],
+            exc.reason,
+            due.isoformat(timespec="seconds"),
+        )
+        return DeliveryStatus.RETRYING
     except PermanentError as exc:
-        _record(sessions, delivery_id, DeliveryStatus.DEAD_LETTER, str(exc), started)
+        _record(sessions, delivery_id, attempts, DeliveryStatus.DEAD_LETTER, str(exc), started)
         log.error("delivery=%d to ae=%s dead-lettered reason=%s", delivery_id, target[0], exc.reason)
-        return
-    _record(sessions, delivery_id, DeliveryStatus.DELIVERED, None, started)
+        return DeliveryStatus.DEAD_LETTER
+    _record(sessions, delivery_id, attempts, DeliveryStatus.DELIVERED, None, started)
     log.info("delivery=%d to ae=%s delivered", delivery_id, target[0])
+    return DeliveryStatus.DELIVERED
+
+
+def _attempts_since_replay(sessions: sessionmaker[Session], delivery_id: int) -> int:
+    """Attempts on record since the delivery was last dead-lettered (a replay starts a fresh round)."""
+    with sessions() as session:
+        last_dead = session.scalar(
+            select(func.max(DeliveryAttempt.id)).where(
+                DeliveryAttempt.delivery_id == delivery_id,
+                DeliveryAttempt.outcome == DeliveryStatus.DEAD_LETTER,
+            )
+        )
+        return int(
+            session.scalar(
+                select(func.count()).where(
+                    DeliveryAttempt.delivery_id == delivery_id, DeliveryAttempt.id > (last_dead or 0)
+                )
+            )
+            or 0
+        )
 
 
 def _uses_tls(settings: Settings, target: tuple[str, str, int]) -> bool:
@@ -55,34 +118,77 @@ def _uses_tls(settings: Settings, target: tuple[str, str, int]) -> bool:
     return any((d.ae_title, d.host, d.port) == target and d.tls for d in settings.destinations)
 
 
-def give_up(delivery_id: int, sessions: sessionmaker[Session], error: str) -> None:
-    """Retries exhausted: park the delivery where the dashboard shows it for replay."""
-    _record(sessions, delivery_id, DeliveryStatus.DEAD_LETTER, error)
-
-
 def _record(
     sessions: sessionmaker[Session],
     delivery_id: int,
+    attempts: int,
     status: DeliveryStatus,
     error: str | None,
-    started: datetime | None = None,
+    started: datetime,
+    due: datetime | None = None,
 ) -> None:
-    """The delivery's new state, and the attempt that led to it (``started``: when it began)."""
-    with sessions.begin() as session:
-        row = session.get(Delivery, delivery_id)
-        if row is None:
+    """The attempt's outcome, and the delivery's new state unless a later attempt has taken it over.
+
+    A C-STORE that got through is recorded whatever happened meanwhile: the PACS has the object.
+    """
+    for _ in range(_RECORD_TRIES):
+        try:
+            _write_outcome(sessions, delivery_id, attempts, status, error, started, due)
             return
-        row.status = status
-        row.last_error = error
-        now = datetime.now(UTC)
-        if status == DeliveryStatus.DELIVERED:
-            row.delivered_at = now
-        if started is not None:
-            session.add(
-                DeliveryAttempt(
-                    delivery_id=delivery_id, started_at=started, finished_at=now, outcome=status, error=error
-                )
+        except (OperationalError, InterfaceError) as exc:
+            # The C-STORE's outcome must not be lost to a database restart: a delivered object left
+            # unrecorded would be sent again once its lease runs out.
+            log.warning(
+                "delivery=%d outcome not recorded yet (%s); retrying", delivery_id, type(exc).__name__
             )
-        elif row.history:
-            # Giving up after the last retry: that attempt is where the delivery ended.
-            row.history[-1].outcome = status
+            wait_for_database(sessions, 2.0)
+    _write_outcome(sessions, delivery_id, attempts, status, error, started, due)
+
+
+_RECORD_TRIES = 30
+
+
+def wait_for_database(sessions: sessionmaker[Session], seconds: float) -> bool:
+    """True once the database answers (within ``seconds``), polling once a second."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with sessions() as session:
+                session.execute(text("SELECT 1"))
+            return True
+        except (OperationalError, InterfaceError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1.0)
+
+
+def _write_outcome(
+    sessions: sessionmaker[Session],
+    delivery_id: int,
+    attempts: int,
+    status: DeliveryStatus,
+    error: str | None,
+    started: datetime,
+    due: datetime | None,
+) -> None:
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        session.add(
+            DeliveryAttempt(
+                delivery_id=delivery_id, started_at=started, finished_at=now, outcome=status, error=error
+            )
+        )
+        stmt = update(Delivery).where(
+            Delivery.id == delivery_id, Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES])
+        )
+        if status != DeliveryStatus.DELIVERED:
+            stmt = stmt.where(Delivery.attempts == attempts)
+        values: dict[str, object] = {
+            "status": status,
+            "last_error": error,
+            "next_attempt_at": due,
+            "dispatched_at": None,
+        }
+        if status == DeliveryStatus.DELIVERED:
+            values["delivered_at"] = now
+        session.execute(stmt.values(**values))

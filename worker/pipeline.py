@@ -275,6 +275,7 @@ def process_study(job_id: str, rt: Runtime, worker: str | None = None) -> list[i
                         kind=out.kind,
                         output_path=str(out.path.relative_to(settings.output_dir)),
                         status=DeliveryStatus.PENDING,
+                        next_attempt_at=datetime.now(UTC),  # due now: sent by the task or the listener
                     )
                     session.add(delivery)
                     session.flush()

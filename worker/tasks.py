@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.core import tasks as names
-from service.core.queue import enqueue
+from service.core.deliveries import send_ids
 from service.core.status import JobStatus, ReasonCode
 from worker.app import app, runtime
-from worker.delivery import deliver, give_up
-from worker.errors import TransientError
+from worker.delivery import deliver, wait_for_database
 from worker.pipeline import UNFINISHED, process_study
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name=names.PROCESS_STUDY, bind=True, max_retries=20, acks_late=True)
+# The database restarting or out of reach: the job is not at fault, run it again once it answers.
+DATABASE_AWAY = (OperationalError, InterfaceError)
+DATABASE_WAIT_SECONDS = 60.0
+
+
+@app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True, max_retries=20)
 def process_study_task(self: Task[Any, Any], job_id: str) -> None:
     try:
         delivery_ids = process_study(job_id, runtime, worker=self.request.hostname)
-    except TransientError as exc:
-        raise self.retry(exc=exc, countdown=10 * (self.request.retries + 1)) from exc
+    except DATABASE_AWAY as exc:
+        # Wait here (this worker holds the message, unacknowledged) until the database answers, then send
+        # the task again to run now: no countdown task on the broker. Still away after the wait: the job
+        # stays 'running' under this live worker, and the reconciler's running deadline brings it back.
+        log.warning("job=%s database away (%s); waiting for it", job_id, type(exc).__name__)
+        if not wait_for_database(runtime.sessions, DATABASE_WAIT_SECONDS):
+            raise
+        raise self.retry(exc=exc) from exc
     except Exception as exc:
         # An unexpected bug fails this job with a code, and the worker takes the next one.
         log.exception("job=%s crashed", job_id)
@@ -39,22 +51,11 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
                 reason_detail=type(exc).__name__,
             )
         return
-    try:
-        for delivery_id in delivery_ids:
-            enqueue(app, names.DELIVER, delivery_id)
-    except Exception as exc:
-        # Broker away: retry this task; the re-run finds the job done and returns the pending deliveries.
-        raise self.retry(exc=exc, countdown=5 * (self.request.retries + 1)) from exc
+    # The rows are due now; whatever cannot be sent here (broker away) the listener sends once it can.
+    send_ids(runtime.sessions, app, delivery_ids, datetime.now(UTC))
 
 
-@app.task(name=names.DELIVER, bind=True, acks_late=True, max_retries=None)
-def deliver_task(self: Task[Any, Any], delivery_id: int) -> None:
-    settings = runtime.settings
-    try:
-        deliver(delivery_id, settings, runtime.sessions)
-    except TransientError as exc:
-        if self.request.retries >= settings.delivery_max_retries:
-            give_up(delivery_id, runtime.sessions, str(exc))
-            return
-        countdown = settings.delivery_retry_base_seconds * (2**self.request.retries)
-        raise self.retry(exc=exc, countdown=countdown) from exc
+@app.task(name=names.DELIVER, bind=True, acks_late=True)
+def deliver_task(self: Task[Any, Any], delivery_id: int, attempt: int | None = None) -> None:
+    # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
+    deliver(delivery_id, runtime.settings, runtime.sessions, attempt)

@@ -15,6 +15,7 @@ from service.admin import dicomops
 from service.admin.auth import Principal
 from service.admin.schemas import EchoOut, PeerOut, UploadOut
 from service.core import tasks
+from service.core.deliveries import send_ids
 from service.core.jobs import transition
 from service.core.models import AuditEntry, Delivery, Job, JobEvent, Study
 from service.core.queue import enqueue
@@ -139,6 +140,9 @@ def replay(
         previous = delivery.status
         delivery.status = DeliveryStatus.PENDING
         delivery.last_error = None
+        # Due now, its message not out yet: sent below, or by the listener if the broker refuses here.
+        delivery.next_attempt_at = datetime.now(UTC)
+        delivery.dispatched_at = None
         audit(
             session,
             who,
@@ -148,14 +152,19 @@ def replay(
             detail={"job": delivery.job_id, "destination": delivery.ae_title, "previous_status": previous},
             client=client,
         )
-    try:
-        enqueue(celery, tasks.DELIVER, delivery_id)
-    except Exception as exc:
-        with sessions.begin() as session:
-            row = session.get(Delivery, delivery_id)
-            if row is not None and row.status == DeliveryStatus.PENDING:
-                row.status = previous
-        raise ActionError(503, f"broker unavailable ({type(exc).__name__}); try again") from exc
+    if send_ids(sessions, celery, [delivery_id], datetime.now(UTC)):
+        return delivery
+    refused = False
+    with sessions.begin() as session:
+        row = session.get(Delivery, delivery_id)
+        # Not sent by us, nor meanwhile by the listener's scheduler: the broker refused it.
+        if row is not None and row.status == DeliveryStatus.PENDING and row.dispatched_at is None:
+            row.status = previous
+            if previous == DeliveryStatus.DEAD_LETTER:
+                row.next_attempt_at = None
+            refused = True
+    if refused:
+        raise ActionError(503, "broker unavailable; try again")
     return delivery
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.settings import Settings
@@ -36,6 +37,19 @@ def make_session_factory(settings: Settings) -> sessionmaker[Session]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def database_now(sessions: sessionmaker[Session]) -> datetime:
+    """The database server's clock (UTC): one clock for times written by processes on several hosts.
+
+    SQLite runs inside each process on one host, so there it is this host's clock.
+    """
+    with sessions() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            value = session.scalar(text("SELECT clock_timestamp()"))
+            if isinstance(value, datetime):
+                return value.astimezone(UTC)
+    return datetime.now(UTC)
 
 
 def migrate(settings: Settings) -> None:

@@ -146,6 +146,12 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+    # Retries are owned by this row, not by a task sleeping in a worker or the broker: while the delivery
+    # is pending or retrying, ``next_attempt_at`` is when it is due, and ``dispatched_at`` when its message
+    # for that due time went to the broker (None: not yet). A message that never led to an attempt (the
+    # broker or the worker holding it died) is sent again once it is older than a reconcile interval.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
+    dispatched_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
     # Every C-STORE attempt, for the admin asking why a result reached the PACS late or never.

@@ -63,13 +63,16 @@ def _broker_url(settings: Settings) -> str:
     return url
 
 
-def enqueue(app: Celery, task_name: str, *args: Any, countdown: float | None = None) -> None:
-    """Send a task by name onto its queue; raises if the broker cannot take it."""
+def enqueue(app: Celery, task_name: str, *args: Any) -> None:
+    """Send a task by name onto its queue, to run now; raises if the broker cannot take it.
+
+    Never a countdown or ETA: a delayed task waits unacknowledged in one worker's memory (with Redis, for
+    the visibility timeout once that worker dies). Later work has a due time in the database instead.
+    """
     app.send_task(
         task_name,
         args=list(args),
         queue=tasks.TASK_QUEUES[task_name],
-        countdown=countdown,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )

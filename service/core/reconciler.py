@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
@@ -19,18 +20,19 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
+from service.core.db import database_now
+from service.core.deliveries import resend_lost, send_due
 from service.core.jobs import transition
-from service.core.models import Delivery, Job, JobEvent
+from service.core.models import Job
 from service.core.queue import enqueue, queue_depth
 from service.core.settings import Settings
-from service.core.status import DeliveryStatus, JobStatus
+from service.core.status import JobStatus
 from service.core.workers import lost_worker_names, prune
 
 log = logging.getLogger(__name__)
 
 REQUEUED = "requeued_by_reconciler"
 WORKER_LOST = "worker_lost"
-DELIVERIES_REQUEUED = "deliveries_requeued"
 # Listener replicas stamp and send a job's message at slightly different moments.
 FIFO_SLACK = timedelta(seconds=30)
 # Worker rows (one per worker start) are history after this long.
@@ -46,8 +48,14 @@ def reconcile(
     worker_lost_after: timedelta | None = None,
     waiting: int | None = None,
     now: datetime | None = None,
+    resend_after: timedelta | None = None,
+    delivery_waiting: int | None = None,
 ) -> list[str]:
     """Re-enqueue stuck jobs and the running jobs of dead workers; returns their ids.
+
+    With ``resend_after`` (the reconcile interval), also send again each open delivery whose message went
+    out that long ago without leading to an attempt (see :func:`service.core.deliveries.resend_lost`;
+    ``delivery_waiting``: messages in the delivery queue).
 
     ``waiting``: messages in the broker's inference queue (None: unknown). The queue is first in, first
     out, so while messages wait, a job queued past its deadline is only lost when a job queued after it
@@ -119,52 +127,21 @@ def reconcile(
             continue
         log.warning("job=%s re-enqueued reason=%s", job_id, reason)
         requeued.append(job_id)
-    requeued.extend(_undelivered(sessions, celery, queued_deadline, now))
+    if resend_after is not None:
+        resend_lost(sessions, celery, now, resend_after, delivery_waiting)
     with sessions.begin() as session:
         prune(session, now - WORKER_ROWS_KEPT)
     return requeued
 
 
-def _undelivered(
-    sessions: sessionmaker[Session], celery: Celery, deadline: timedelta, now: datetime
-) -> list[str]:
-    """Finished jobs whose outputs were never handed to the broker (it was away at the time).
-
-    Re-sending the job's task is enough: for a finished job the worker only enqueues its pending
-    deliveries. An event row marks each attempt so a slow queue is not flooded with copies.
-    """
-    cutoff = now - deadline
-    recent = select(JobEvent.job_id).where(JobEvent.reason_code == DELIVERIES_REQUEUED, JobEvent.at >= cutoff)
-    with sessions() as session:
-        job_ids = session.scalars(
-            select(Job.id)
-            .join(Delivery, Delivery.job_id == Job.id)
-            .where(
-                Job.status.in_([JobStatus.DONE, JobStatus.SKIPPED]),
-                Job.finished_at < cutoff,
-                Delivery.status == DeliveryStatus.PENDING,
-                Job.id.not_in(recent),
-            )
-            .distinct()
-        ).all()
-    done: list[str] = []
-    for job_id in job_ids:
-        try:
-            enqueue(celery, tasks.PROCESS_STUDY, job_id)
-        except Exception:
-            log.exception("reconciler could not reach the broker for job=%s", job_id)
-            continue
-        with sessions.begin() as session:
-            session.add(
-                JobEvent(job_id=job_id, status=JobStatus.DONE, reason_code=DELIVERIES_REQUEUED, at=now)
-            )
-        log.warning("job=%s had undelivered outputs; re-enqueued", job_id)
-        done.append(job_id)
-    return done
-
-
 class Reconciler:
-    """Runs :func:`reconcile` periodically in a daemon thread."""
+    """Runs in a daemon thread of the listener (every replica): sends due deliveries every
+    ``delivery_poll_seconds`` and runs :func:`reconcile` every ``reconcile_interval_seconds``.
+
+    Its clock is the database's (PostgreSQL's ``clock_timestamp()``), not this host's: the times it
+    compares were written by workers on other hosts, and a step of this host's clock (an NTP correction,
+    a VM resumed) must neither hold due deliveries back nor make live workers look dead.
+    """
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
         self._settings = settings
@@ -174,6 +151,7 @@ class Reconciler:
         self._running = timedelta(seconds=settings.reconcile_running_after_seconds)
         self._worker_lost = timedelta(seconds=settings.reconcile_worker_lost_after_seconds)
         self._interval = settings.reconcile_interval_seconds
+        self._poll = min(settings.delivery_poll_seconds, self._interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -187,15 +165,28 @@ class Reconciler:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        # Intervals by the monotonic clock, which no wall-clock step moves.
+        next_pass = time.monotonic() + self._interval
+        while not self._stop.wait(self._poll):
             try:
+                send_due(self._sessions, self._celery, database_now(self._sessions))
+            except Exception:
+                log.exception("delivery scheduler pass failed")
+            if time.monotonic() < next_pass:
+                continue
+            next_pass = time.monotonic() + self._interval
+            try:
+                depth = queue_depth(self._celery, self._settings)
                 reconcile(
                     self._sessions,
                     self._celery,
                     queued_deadline=self._queued,
                     running_deadline=self._running,
                     worker_lost_after=self._worker_lost,
-                    waiting=queue_depth(self._celery, self._settings)[tasks.INFERENCE_QUEUE],
+                    waiting=depth[tasks.INFERENCE_QUEUE],
+                    now=database_now(self._sessions),
+                    resend_after=timedelta(seconds=self._interval),
+                    delivery_waiting=depth[tasks.DELIVERY_QUEUE],
                 )
             except Exception:
                 log.exception("reconciler pass failed")

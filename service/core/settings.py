@@ -206,8 +206,14 @@ class Settings(BaseSettings):
     # and how long the first images wait for others to join them.
     inference_max_batch: int = Field(default=32, ge=1)
     inference_max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0)
-    delivery_max_retries: int = Field(default=5, ge=0)
+    # A failed C-STORE is tried again after base × 2^(n-1) seconds (n: attempts so far), at most
+    # delivery_retry_max_seconds apart; after delivery_max_retries retries it is dead-lettered. The due
+    # time lives in the delivery's row: the listener sends due deliveries (every delivery_poll_seconds),
+    # never a countdown task on the broker.
+    delivery_max_retries: int = Field(default=8, ge=0)
     delivery_retry_base_seconds: float = Field(default=5.0, ge=0.0)
+    delivery_retry_max_seconds: float = Field(default=30.0, gt=0.0)
+    delivery_poll_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
     # Reconciler (runs in the listener): jobs queued or running longer than this are put back on the queue.
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)
     reconcile_queued_after_seconds: float = Field(default=900.0, gt=0)

@@ -28,6 +28,10 @@ class DeliveryStatus(StrEnum):
     DEAD_LETTER = "dead_letter"
 
 
+# Not delivered yet and not given up: the row's next_attempt_at says when it is due.
+OPEN_DELIVERY_STATUSES = frozenset({DeliveryStatus.PENDING, DeliveryStatus.RETRYING})
+
+
 class ReasonCode(StrEnum):
     """Coded reasons for failed or skipped jobs and per-image gate decisions."""
 

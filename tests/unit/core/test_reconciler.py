@@ -60,35 +60,6 @@ def test_stuck_jobs_are_requeued_and_fresh_ones_left(tmp_path: Path) -> None:
         assert reasons == [REQUEUED]
 
 
-def test_finished_jobs_with_pending_deliveries_are_resent_once_per_deadline(tmp_path: Path) -> None:
-    from service.core.models import Delivery
-    from service.core.reconciler import DELIVERIES_REQUEUED
-
-    _settings, sessions, celery = _database_and_broker(tmp_path)
-    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-    with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        s.add(
-            Job(id="e" * 32, study_id=study.id, status=JobStatus.DONE, finished_at=now - timedelta(hours=1))
-        )
-        s.add(
-            Job(id="f" * 32, study_id=study.id, status=JobStatus.DONE, finished_at=now - timedelta(hours=1))
-        )
-        s.flush()
-        common = {"ae_title": "PACS", "host": "h", "port": 104, "kind": "sr", "output_path": "x"}
-        s.add(Delivery(job_id="e" * 32, sop_instance_uid="1.1", status="pending", **common))
-        s.add(Delivery(job_id="f" * 32, sop_instance_uid="1.2", status="delivered", **common))
-    kwargs = {"queued_deadline": timedelta(minutes=15), "running_deadline": timedelta(minutes=30)}
-    assert reconcile(sessions, celery, now=now, **kwargs) == ["e" * 32]
-    assert reconcile(sessions, celery, now=now + timedelta(minutes=1), **kwargs) == []  # not again so soon
-    assert reconcile(sessions, celery, now=now + timedelta(minutes=20), **kwargs) == ["e" * 32]
-    with sessions() as s:
-        reasons = s.scalars(select(JobEvent.reason_code).where(JobEvent.job_id == "e" * 32)).all()
-        assert reasons == [DELIVERIES_REQUEUED, DELIVERIES_REQUEUED]
-
-
 def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(tmp_path: Path) -> None:
     from service.core.reconciler import WORKER_LOST
 
