@@ -287,25 +287,32 @@ def build_results_sr(
     ]
     if not algorithm.calibrated:
         impression.append("Scores are model outputs in [0, 1], not calibrated probabilities.")
+    # One SEPARATE container per finding with its items as siblings: text viewers print a container's
+    # children but not a CODE item's own children (OHIF 3.13 showed "Atelectasis: Absent" and no value).
     rows: list[hd.sr.ContentItem] = []
     for finding in findings:
-        item = CodeContentItem(
+        row = ContainerContentItem(
             name=finding_code(finding.label),
-            value=deepcopy(PRESENT if finding.present else ABSENT),
             relationship_type=RelationshipTypeValues.CONTAINS,
+            is_content_continuous=False,
         )
-        item.ContentSequence = hd.sr.ContentSequence(
+        row.ContentSequence = hd.sr.ContentSequence(
             [
-                _value_item(finding, algorithm, RelationshipTypeValues.HAS_PROPERTIES),
+                CodeContentItem(
+                    name=finding_code(finding.label),
+                    value=deepcopy(PRESENT if finding.present else ABSENT),
+                    relationship_type=RelationshipTypeValues.CONTAINS,
+                ),
+                _value_item(finding, algorithm, RelationshipTypeValues.CONTAINS, for_reading=True),
                 NumContentItem(
                     name=deepcopy(OPERATING_POINT),
-                    value=_shown(finding.threshold, algorithm),
+                    value=_shown(finding.threshold, algorithm, for_reading=True),
                     unit=deepcopy(_value_unit(algorithm)),
-                    relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
+                    relationship_type=RelationshipTypeValues.CONTAINS,
                 ),
             ]
         )
-        rows.append(item)
+        rows.append(row)
     root = _text_report(algorithm, impression=impression, findings=rows)
     return _document(
         hd.sr.ComprehensiveSR,
@@ -467,20 +474,27 @@ def _value_unit(algorithm: AlgorithmInfo) -> CodedConcept:
     return PERCENT if algorithm.calibrated else SCORE_UNIT
 
 
-def _shown(value: float, algorithm: AlgorithmInfo) -> float:
-    """A value in [0, 1] as the report shows it: percent for probabilities, else as it is."""
+def _shown(value: float, algorithm: AlgorithmInfo, *, for_reading: bool = False) -> float:
+    """A value in [0, 1] as a report shows it: percent for probabilities, else as it is. Rounded so the
+    DS value (16 characters at most) is exact and stable across platforms; ``for_reading``: to the digits
+    a reader can use (text viewers print the stored value as it is)."""
     scaled = 100.0 * float(value) if algorithm.calibrated else float(value)
-    # Rounded so the DS value (max 16 chars) is exact and stable across platforms.
+    if for_reading:
+        return round(scaled, 1 if algorithm.calibrated else 3)
     return round(scaled, 6)
 
 
 def _value_item(
-    finding: FindingResult, algorithm: AlgorithmInfo, relationship: RelationshipTypeValues
+    finding: FindingResult,
+    algorithm: AlgorithmInfo,
+    relationship: RelationshipTypeValues,
+    *,
+    for_reading: bool = False,
 ) -> NumContentItem:
     """The finding's value, named so a viewer's label reads as the finding ("Effusion score")."""
     return NumContentItem(
         name=value_concept(finding.label, algorithm.calibrated),
-        value=_shown(finding.score, algorithm),
+        value=_shown(finding.score, algorithm, for_reading=for_reading),
         unit=deepcopy(_value_unit(algorithm)),
         relationship_type=relationship,
     )

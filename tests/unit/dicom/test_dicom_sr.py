@@ -298,17 +298,23 @@ def test_results_report_lists_every_finding_as_text(shared_dir: Path, cr_source:
     items = _content_items(ds)
     assert all(i.ContinuityOfContent == "SEPARATE" for i in items if i.ValueType == "CONTAINER")
     assert not [i for i in items if i.ValueType in ("IMAGE", "SCOORD")]  # text viewers can't show those
-    for finding in _findings():
-        (row,) = [
-            i
-            for i in items
-            if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0] == FINDING_CODES[finding.label]
-        ]
-        assert row.ConceptCodeSequence[0].CodeMeaning == ("Present" if finding.present else "Absent")
-        value, threshold = row.ContentSequence
+    (findings_section,) = [
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121070"
+    ]
+    rows = findings_section.ContentSequence
+    assert len(rows) == 14
+    for finding, row in zip(_findings(), rows, strict=True):
+        # One container per finding, its items siblings: text viewers print a container's children.
+        assert row.ValueType == "CONTAINER" and row.ConceptNameCodeSequence[0] == FINDING_CODES[finding.label]
+        presence, value, threshold = row.ContentSequence
+        assert presence.ConceptNameCodeSequence[0] == FINDING_CODES[finding.label]
+        assert presence.ConceptCodeSequence[0].CodeMeaning == ("Present" if finding.present else "Absent")
         assert value.ConceptNameCodeSequence[0].CodeMeaning == f"{display_name(finding.label)} score"
-        assert float(value.MeasuredValueSequence[0].NumericValue) == pytest.approx(finding.score, abs=1e-6)
-        assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(finding.threshold)
+        # Three decimals in the text report: what a reader can use.
+        assert float(value.MeasuredValueSequence[0].NumericValue) == round(finding.score, 3)
+        assert threshold.ConceptNameCodeSequence[0].CodeMeaning == "Operating point"
+        assert float(threshold.MeasuredValueSequence[0].NumericValue) == round(finding.threshold, 3)
+        assert not any("ContentSequence" in item for item in row.ContentSequence)
     texts = " ".join(i.TextValue for i in items if i.ValueType == "TEXT")
     assert AI_DISCLAIMER in texts and ALGORITHM.name in texts and ALGORITHM.version in texts
     assert "not calibrated" in texts
