@@ -180,8 +180,16 @@ def _write(ds: Dataset, path: Path) -> Path:
     return path
 
 
-# What the "not analysed" report says beside a reason code, for the codes a reader could not guess.
+# What the "not analysed" report says beside a reason code: a reader should not need our code list.
 _REASON_TEXTS = {
+    ReasonCode.NOT_IMAGE_OBJECT: "the instance is not an image (e.g. a report or presentation state)",
+    ReasonCode.UNSUPPORTED_MODALITY: "the modality is not a radiograph (CR, DX or a scanned chest film)",
+    ReasonCode.NOT_CHEST: "the body part examined is not the chest",
+    ReasonCode.NOT_FRONTAL: "the view is not frontal (PA or AP)",
+    ReasonCode.NOT_2D_GREY: "the image is not a single-frame greyscale image",
+    ReasonCode.TOO_SMALL: "the image is smaller than the algorithm's minimum size",
+    ReasonCode.PIXEL_DECODE_ERROR: "the pixel data could not be decoded",
+    ReasonCode.SPOOL_FILE_MISSING: "the received file is no longer on the gateway",
     ReasonCode.IMAGE_TOO_LARGE: "Rows x Columns x frames over the gateway's limit",
     ReasonCode.INSTANCE_TOO_LARGE: "the instance is larger than the gateway's limit",
     ReasonCode.PIXEL_DECODE_MEMORY: "decoding needed more memory than the gateway allows",
