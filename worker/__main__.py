@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from service.core import tasks as names
+from worker.broker import EXIT_LOST, stopping_on_purpose
 
 log = logging.getLogger("worker")
 
@@ -45,24 +46,34 @@ def main(argv: list[str] | None = None) -> None:
         # Celery's multi-line SecurityWarning, in one line of ours (tasks only ever take JSON, never pickle).
         warnings.filterwarnings("ignore", category=SecurityWarning)
         log.warning("running as root: use an unprivileged user outside a trial (deploy/ does)")
-    app.worker_main(
-        [
-            *([] if verbose else ["--quiet"]),  # no banner: the heartbeat's "worker registered" line says it
-            "worker",
-            "--loglevel",
-            settings.log_level,
-            "--queues",
-            queues,
-            "--concurrency",
-            str(settings.worker_concurrency),
-            "--pool",
-            settings.worker_pool,
-            "--without-gossip",
-            "--without-mingle",
-            *node,
-            *args,
-        ]
-    )
+    argv = [
+        *([] if verbose else ["--quiet"]),  # no banner: the heartbeat's "worker registered" line says it
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--queues",
+        queues,
+        "--concurrency",
+        str(settings.worker_concurrency),
+        "--pool",
+        settings.worker_pool,
+        "--without-gossip",
+        "--without-mingle",
+        *node,
+        *args,
+    ]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if not stopping_on_purpose.is_set() and code in (0, None):
+        # Ended without a stop signal (its broker gone for good): a supervisor must start it again, and
+        # only a non-zero status makes every supervisor (systemd's Restart=on-failure too) do that.
+        log.error("worker ended without a stop request; exit status %d", EXIT_LOST)
+        raise SystemExit(EXIT_LOST)
+    raise SystemExit(code)
 
 
 def _node_name() -> str:

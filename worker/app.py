@@ -19,6 +19,7 @@ from service.core.queue import make_celery
 from service.core.settings import load_settings
 from service.core.workers import WorkerInfo
 from worker import __version__
+from worker.broker import guard_restore_unacked, stopping_on_purpose
 from worker.heartbeat import Heartbeat
 from worker.pipeline import Runtime
 
@@ -26,6 +27,7 @@ settings = load_settings(os.environ.get("CXR_CONFIG") or None)
 setup_logging(settings.log_level)
 runtime = Runtime(settings=settings, sessions=make_session_factory(settings))
 app = make_celery(settings)
+guard_restore_unacked()
 log = logging.getLogger("worker")
 
 
@@ -72,12 +74,14 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 
 
 def _stop_heartbeat(**_: Any) -> None:
-    # A clean stop: the reconciler must not treat this worker's running jobs as orphaned (a hand-back
-    # already returned their messages to the broker).
+    # Stopped on purpose (a stop signal): a clean stop, the reconciler must not treat this worker's
+    # running jobs as orphaned (a hand-back already returned their messages to the broker). Ended any
+    # other way (its broker lost for good): no clean-stop mark, so the row goes silent and the
+    # reconciler brings its running jobs back as a lost worker's.
     while _heartbeat:
         heartbeat = _heartbeat.pop()
         if heartbeat.info.pid == os.getpid():  # not in a pool child forked after the heartbeat began
-            heartbeat.stop()
+            heartbeat.stop(clean=stopping_on_purpose.is_set())
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -92,6 +96,7 @@ def _hand_back_after_deadline(how: str = "", **_: Any) -> None:
     Past ``worker_shutdown_seconds`` turn it into a cold shutdown: the running task's message is not
     acknowledged (late acks), so the broker gives it to another worker before the orchestrator's
     SIGKILL could strand it until the reconciler's deadline."""
+    stopping_on_purpose.set()
     if how != "Warm":
         log.info("worker stopping now: running tasks go back to the broker")
         return

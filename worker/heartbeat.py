@@ -41,10 +41,15 @@ class Heartbeat:
             self.info.device or "-",
         )
 
-    def stop(self) -> None:
+    def stop(self, *, clean: bool = True) -> None:
+        """Stop beating; ``clean`` (stopped on purpose) also marks the row stopped, otherwise the row is
+        left to go silent so the reconciler treats this worker as lost."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if not clean:
+            log.warning("worker ending without a stop request name=%s: left to be found lost", self.info.name)
+            return
         try:
             with self._sessions.begin() as session:
                 mark_stopped(session, self.info.name, datetime.now(UTC))

@@ -41,6 +41,7 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=settings.worker_broker_max_retries,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

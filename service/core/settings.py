@@ -223,6 +223,10 @@ class Settings(BaseSettings):
     # waiting for reconcile_running_after_seconds.
     worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
     reconcile_worker_lost_after_seconds: float = Field(default=60.0, gt=0)
+    # A worker that has lost its broker reconnects this many times (Celery's backoff, about 50 min for
+    # 100), then exits non-zero without marking a clean stop: its supervisor restarts it, and meanwhile
+    # the reconciler treats it as lost.
+    worker_broker_max_retries: int = Field(default=100, ge=0)
     # Which queues `cxr-gateway worker` consumes: GPU/CPU inference workers and light delivery workers
     # can be separated ("inference", "delivery").
     worker_queues: list[str] = Field(default_factory=lambda: ["inference", "delivery"])

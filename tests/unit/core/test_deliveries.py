@@ -165,7 +165,7 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
     import worker.tasks
     from worker.pipeline import Runtime
 
-    settings, sessions, celery = _setup(
+    settings, sessions, _celery = _setup(
         tmp_path, delivery_retry_base_seconds=5, delivery_max_retries=2, sender_ae_title="CXR_GATEWAY"
     )
     _output(settings, shared_dir)

@@ -131,3 +131,19 @@ def test_systemd_units_and_dockerfiles() -> None:
     for dockerfile in (DEPLOY / "docker").glob("Dockerfile*"):
         for src in re.findall(r"^COPY (\S+)", dockerfile.read_text(), re.M):
             assert (repo / src).exists(), f"{dockerfile.name}: COPY {src}"
+
+
+def test_a_worker_that_ended_by_itself_is_restarted_whatever_its_exit_status() -> None:
+    """A worker whose broker stayed away past its reconnection attempts exits (non-zero, not marked
+    stopped): every way of deploying it must start it again."""
+    for name in ("cxr-gateway-worker.service", "cxr-gateway-listener.service"):
+        assert re.search(r"^Restart=always$", (DEPLOY / "systemd" / name).read_text(), re.M), name
+    services = yaml.safe_load((DEPLOY / "compose.yml").read_text())["services"]
+    for name, service in services.items():
+        if "worker" in name:
+            assert service.get("restart") in {"always", "unless-stopped"}, name
+    for path in (K8S / "base").glob("worker-*.yaml"):
+        for doc in _docs(path):
+            if doc["kind"] == "Deployment":
+                # Deployments only allow Always (the default).
+                assert doc["spec"]["template"]["spec"].get("restartPolicy", "Always") == "Always"
