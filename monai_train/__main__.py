@@ -185,18 +185,46 @@ def main(argv: list[str] | None = None) -> None:
     _add_training_args(train, finetune=False)
     finetune = sub.add_parser("finetune", help="continue training a bundle, possibly on another label set")
     _add_training_args(finetune, finetune=True)
-    ev = sub.add_parser("evaluate", help="measure a bundle on labelled images, as the worker runs it")
-    ev.add_argument("--images", type=Path, required=True)
-    ev.add_argument("--labels", type=Path, required=True, help="NIH-format label CSV (may be .csv.gz)")
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure a bundle on labelled images, as the worker runs it, refusing its own training patients",
+    )
+    ev.add_argument("--images", type=Path, action="append", required=True, help="image folder (repeatable)")
+    ev.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        required=True,
+        help="NIH-format label CSV (may be .csv.gz): one for all folders, or one per --images",
+    )
     ev.add_argument("--bundle", type=Path, default=None, help="default: worker/bundles/cxr14_densenet121")
     ev.add_argument("--out", type=Path, required=True, help="metrics.json to write (curves go beside it)")
     ev.add_argument("--heatmaps", type=Path, default=None, help="write DIR/<image>/<finding>.npy CAMs")
+    ev.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        help="NIH-format box CSV (Image Index, Finding Label, x, y, w, h): pointing game and box hit rate",
+    )
+    ev.add_argument(
+        "--box-space",
+        type=int,
+        default=1024,
+        help="side of the square image the box coordinates refer to (NIH: 1024)",
+    )
+    ev.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="measure images of the bundle's train/val patients in a separate block (never the headline)",
+    )
     ev.add_argument(
         "--compare-reference",
         type=Path,
         default=None,
         help="CSV of reference probabilities (Image Index, prob_<label>) for a side-by-side",
     )
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--threads", type=int, default=0)
     cal = sub.add_parser(
@@ -254,19 +282,29 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command in {"train", "finetune"}:
         run_training(args)
     elif args.command == "evaluate":
-        from monai_train.evaluate import DEFAULT_BUNDLE, evaluate
+        from monai_train.evaluate import DEFAULT_BUNDLE, EvaluationError, evaluate, summary_line
 
-        m = evaluate(
-            args.images,
-            args.labels,
-            args.out,
-            bundle_dir=args.bundle or DEFAULT_BUNDLE,
-            heatmaps=args.heatmaps,
-            reference_csv=args.compare_reference,
-            batch_size=args.batch_size,
-            threads=args.threads,
-        )
-        line = f"{m['n_images']} images: mean AUROC {m['mean_auroc']}"
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        try:
+            m = evaluate(
+                args.images,
+                args.labels,
+                args.out,
+                bundle_dir=args.bundle or DEFAULT_BUNDLE,
+                heatmaps=args.heatmaps,
+                boxes=args.boxes,
+                box_space=args.box_space,
+                allow_overlap=args.allow_overlap,
+                reference_csv=args.compare_reference,
+                batch_size=args.batch_size,
+                threads=args.threads,
+                bootstrap_samples=args.bootstrap,
+                seed=args.seed,
+            )
+        except EvaluationError as exc:
+            raise SystemExit(f"evaluate: {exc}") from exc
+        line = summary_line(m)
         ref = m.get("reference_comparison")
         if ref:
             line += (

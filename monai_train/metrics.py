@@ -328,8 +328,9 @@ def bootstrap_auroc(
 
     Resampling unit: ``clusters`` (patients) when given, so several images of one patient move together
     and cannot narrow the interval; images otherwise. The mean is taken, in every resample, over the labels
-    whose AUROC is defined on the whole set and in that resample (a resample that draws no positive of a
-    rare finding leaves it out; how often that happened is reported).
+    whose AUROC is defined on the whole set (a resample that draws no positive of a
+    rare finding keeps, for the mean only, that finding's whole-set AUROC, so every resample averages the
+    same findings and a dropped finding cannot shift the mean; how often that happened is reported).
     """
     yy, pp = _as_2d(y, p, labels)
     n = yy.shape[0]
@@ -351,11 +352,11 @@ def bootstrap_auroc(
         idx = np.concatenate([groups[g] for g in pick]) if len(pick) else np.zeros(0, int)
         auc = rank_auroc(yy[idx], pp[idx]) if len(idx) else np.full(len(labels), np.nan)
         per[s] = auc
-        use = headline & np.isfinite(auc)
-        if (headline & ~np.isfinite(auc)).any():
+        missing = headline & ~np.isfinite(auc)
+        if missing.any():
             incomplete += 1
-        if use.any():
-            means[s] = float(auc[use].mean())
+        if headline.any():
+            means[s] = float(np.where(missing, full, auc)[headline].mean())
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
 
     def interval(values: Array) -> list[float | None] | None:

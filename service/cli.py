@@ -136,6 +136,16 @@ def train(ctx: click.Context) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "monai_train", *ctx.args])
 
 
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
+@click.pass_context
+def evaluate(ctx: click.Context) -> None:
+    """Measure a bundle on labelled images as the worker runs it (--help: its options)."""
+    # The service package never imports torch, monai or monai_train: the evaluation is its own program.
+    os.execv(sys.executable, [sys.executable, "-m", "monai_train", "evaluate", *ctx.args])
+
+
 def _child_env(ctx: click.Context) -> dict[str, str]:
     settings = _settings(ctx)
     env = dict(os.environ)
