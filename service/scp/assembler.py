@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import tasks
+from service.core.db import database_now
 from service.core.jobs import transition
 from service.core.models import Job, Study
 from service.core.queue import enqueue
@@ -26,6 +27,9 @@ from service.scp.backpressure import BackPressure
 from service.scp.safelog import log_failure
 
 log = logging.getLogger(__name__)
+
+# A last-received time further ahead of this host's clock than this was stamped before a clock step back.
+CLOCK_STEP_SLACK = timedelta(seconds=60)
 
 
 def _nothing_busy() -> Collection[int]:
@@ -88,7 +92,13 @@ class StudyAssembler:
             rows = session.execute(
                 select(Job.id, Job.study_id)
                 .join(Study)
-                .where(Job.status == JobStatus.RECEIVED, Study.last_received_at <= cutoff)
+                .where(
+                    Job.status == JobStatus.RECEIVED,
+                    # Stamped in the future: this host's clock stepped back since (an NTP correction).
+                    # Waiting for that time to come round again would hold the study for the size of
+                    # the step; it has been quiet at least since the step.
+                    (Study.last_received_at <= cutoff) | (Study.last_received_at > now + CLOCK_STEP_SLACK),
+                )
                 .order_by(Job.created_at)
             ).all()
         ready = [row.id for row in rows if row.study_id not in busy]
@@ -98,6 +108,8 @@ class StudyAssembler:
         for job_id in ready:
             if self._queue(job_id):
                 queued.append(job_id)
+            elif self._pressure is not None and not self._pressure.broker_ok:
+                break  # the broker is away: the rest wait as 'received' for a later tick, not a retry each
         return queued
 
     def _probe_broker(self) -> None:
@@ -111,7 +123,8 @@ class StudyAssembler:
         self._pressure.broker_succeeded()
 
     def _queue(self, job_id: str) -> bool:
-        now = datetime.now(UTC)
+        # The reconciler compares queued_at with the database's clock, so it is stamped by that clock.
+        now = database_now(self._sessions)
         # Mark queued first (conditionally, so two listeners never both take it), then send: a worker
         # that starts at once must find 'queued', never have its 'running' overwritten.
         with self._sessions.begin() as session:

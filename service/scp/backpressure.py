@@ -32,7 +32,8 @@ class BackPressure:
         with self._lock:
             if self._broker_ok:
                 log.warning(
-                    "broker unreachable: refusing C-STOREs until it is back reason=%s",
+                    "broker unreachable: C-STOREs still stored durably, their jobs queued once it is back "
+                    "reason=%s",
                     ReasonCode.BROKER_UNAVAILABLE,
                 )
             self._broker_ok = False
@@ -40,14 +41,16 @@ class BackPressure:
     def broker_succeeded(self) -> None:
         with self._lock:
             if not self._broker_ok:
-                log.info("broker reachable again: accepting C-STOREs")
+                log.info("broker reachable again: queueing the jobs that waited")
             self._broker_ok = True
 
     def refusal(self, incoming_bytes: int = 0) -> ReasonCode | None:
-        """A reason to refuse the next instance of ``incoming_bytes``, or None to accept it."""
-        if not self._broker_ok:
-            # Studies would pile up unqueued; the PACS is the better place for them to wait.
-            return ReasonCode.BROKER_UNAVAILABLE
+        """A reason to refuse the next instance of ``incoming_bytes``, or None to accept it.
+
+        A broker outage is no reason: the 0x0000 promises a durable spool file and database rows, not a
+        queued message. The jobs wait as 'received' in the database and the assembler queues them once
+        the broker is back; the disk watermark bounds what piles up meanwhile.
+        """
         try:
             free, percent = spool.free_space(self._spool_dir)
         except OSError:

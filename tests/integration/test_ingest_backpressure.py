@@ -119,7 +119,9 @@ def test_database_outage_is_0xA700_and_heals(tmp_path: Path, shared_dir: Path, p
 
 
 @pytest.mark.redis
-def test_broker_outage_is_0xA700_and_heals(tmp_path: Path, shared_dir: Path, redis_url: str) -> None:
+def test_broker_outage_stores_durably_and_queues_the_jobs_when_it_returns(
+    tmp_path: Path, shared_dir: Path, redis_url: str
+) -> None:
     parts = urllib.parse.urlsplit(redis_url)
     assert parts.hostname is not None and parts.port is not None
     proxy = TcpProxy(parts.hostname, parts.port).start()
@@ -130,19 +132,17 @@ def test_broker_outage_is_0xA700_and_heals(tmp_path: Path, shared_dir: Path, red
         with running_listener(settings) as listener:
             proxy.cut()
             with association(scu(), settings) as assoc:
-                # Nothing known to be wrong yet: stored durably, its job waits as 'received'.
                 assert store_status(assoc, _cr(shared_dir)) == 0x0000
             wait_for(lambda: not listener.pressure.broker_ok, timeout=60)
-            second = _cr(shared_dir)
+            # Known to be away now, and still: the file and its rows are durable, the 0x0000 is true.
             with association(scu(), settings) as assoc:
-                assert store_status(assoc, second) == 0xA700
-            assert [j.status for j in jobs(listener)] == [JobStatus.RECEIVED]
+                assert store_status(assoc, _cr(shared_dir)) == 0x0000
+            assert count(listener, Instance) == 2 and len(spool_files(settings)) == 2
+            assert [j.status for j in jobs(listener)] == [JobStatus.RECEIVED] * 2
 
             proxy.restore()
-            wait_for(lambda: listener.pressure.broker_ok, timeout=60)
-            with association(scu(), settings) as assoc:
-                assert store_status(assoc, second) == 0x0000
-            wait_for(lambda: [j.status for j in jobs(listener)] == [JobStatus.QUEUED] * 2, timeout=30)
+            wait_for(lambda: [j.status for j in jobs(listener)] == [JobStatus.QUEUED] * 2, timeout=60)
+            assert listener.pressure.broker_ok
         client = redis.Redis.from_url(redis_url)
         try:
             assert client.llen(tasks.INFERENCE_QUEUE) == 2

@@ -69,6 +69,19 @@ def test_touch_restarts_the_quiet_period(parts: tuple[StudyAssembler, BackPressu
     assert len(assembler.tick(now=released + timedelta(seconds=2))) == 1
 
 
+def test_a_study_stamped_before_a_clock_step_back_is_not_held_for_the_step(
+    parts: tuple[StudyAssembler, BackPressure, set[int], int],
+) -> None:
+    """The host's clock stepped back an hour after the study came in: its last-received time now lies an
+    hour ahead, and it must not wait for that hour to come round again."""
+    assembler, _, busy, study_id = parts
+    stepped_back = T0 - timedelta(hours=1)
+    busy.add(study_id)
+    assert assembler.tick(now=stepped_back) == []  # still sending: held, as always
+    busy.clear()
+    assert len(assembler.tick(now=stepped_back)) == 1
+
+
 def test_broker_failure_puts_the_job_back_and_raises_back_pressure(
     parts: tuple[StudyAssembler, BackPressure, set[int], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
