@@ -1,6 +1,7 @@
 """Training data: NIH-format label CSVs + image folders → records, patient-wise splits, image loading.
 
-Images become display arrays exactly like the worker's input: 2-D float32 in [0, 1], MONOCHROME2 sense.
+Images become display arrays through the worker's own rendering chain (``worker.imaging``): 2-D float32 in
+[0, 1], MONOCHROME2 sense, identical to what the worker analyses for the same file.
 The bundle's preprocessing (``monai_train.bundle.build_preprocessing``) is applied after this loader.
 """
 
@@ -20,6 +21,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from monai_train.bundle import NIH_LABELS
+from worker.imaging import display_from_pil, read_display_file
 
 log = logging.getLogger(__name__)
 
@@ -275,70 +277,17 @@ def data_summary(records: Sequence[Record], label_set: Sequence[str]) -> dict[st
 
 
 def load_image(path: Path | str) -> FloatImage:
-    """Read a PNG/JPEG (or DICOM) as 2-D float32 in [0, 1], MONOCHROME2 sense."""
-    p = Path(path)
-    if p.suffix.lower() in {".dcm", ".dicom"}:
-        return load_dicom(p)
-    with Image.open(p) as im:
-        return pil_to_display(im)
+    """Read a PNG/JPEG or DICOM as 2-D float32 in [0, 1], MONOCHROME2 sense, through the worker's own
+    rendering chain (`worker.imaging.read_display_file`): the same pixels the worker would analyse."""
+    return read_display_file(path).pixels
 
 
 def pil_to_display(im: Image.Image) -> FloatImage:
-    mode = im.mode
-    if mode in {"I;16", "I;16B", "I;16L", "I;16N"}:
-        # 16-bit grey PNG: scale by the type's full range, as a PNG viewer would.
-        arr = np.asarray(im, dtype=np.float64) / 65535.0
-    elif mode == "I":
-        # Pillow opens many 16-bit PNGs as 32-bit "I"; values above 16 bits would be unusual.
-        raw = np.asarray(im, dtype=np.float64)
-        arr = raw / (65535.0 if raw.max(initial=0) <= 65535 else float(raw.max()))
-    elif mode == "F":
-        raw = np.asarray(im, dtype=np.float64)
-        lo, hi = float(raw.min(initial=0.0)), float(raw.max(initial=0.0))
-        arr = raw if lo >= 0.0 and hi <= 1.0 else (raw - lo) / max(hi - lo, 1e-12)
-    elif mode == "L":
-        arr = np.asarray(im, dtype=np.float64) / 255.0
-    else:
-        # RGB / RGBA / LA / P / 1 / CMYK: ITU-R 601 luma via Pillow; alpha is ignored (NIH's few RGBA
-        # images are fully opaque).
-        grey = (
-            im.convert("RGB").convert("L")
-            if mode in {"P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
-            else im.convert("L")
-        )
-        arr = np.asarray(grey, dtype=np.float64) / 255.0
-    if arr.ndim != 2:
-        raise DataError(f"image of mode {mode} did not become 2-D (shape {arr.shape})")
-    return np.clip(arr, 0.0, 1.0).astype(np.float32)
+    """A Pillow image as display pixels (`worker.imaging.display_from_pil`)."""
+    return display_from_pil(im)
 
 
 def load_dicom(path: Path) -> FloatImage:
-    """Grey DICOM → display pixels: modality LUT, then the first window (or a 0.5–99.5 % stretch),
-    then MONOCHROME1 inverted. A simplified copy of the worker's rendering chain, which training may not
-    import (import-linter contract: training talks to the worker only through the bundle)."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    ds = pydicom.dcmread(str(path))
-    stored = np.asarray(ds.pixel_array)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if stored.ndim == 3 and stored.shape[-1] in (3, 4) and photometric not in {"MONOCHROME1", "MONOCHROME2"}:
-        rgb = stored[..., :3].astype(np.float64)
-        stored = rgb @ np.array([0.299, 0.587, 0.114])
-        photometric = "MONOCHROME2"
-    if stored.ndim != 2:
-        raise DataError(f"{path}: pixel data of shape {stored.shape} is not one 2-D grey frame")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        # DICOM linear VOI function (PS3.3 C.11.2.1.2.1).
-        arr = (values - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5
-    else:
-        lo, hi = np.percentile(values, (0.5, 99.5))
-        arr = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    arr = np.clip(arr, 0.0, 1.0)
-    if photometric == "MONOCHROME1":
-        arr = 1.0 - arr
-    return arr.astype(np.float32)
+    """DICOM → display pixels: modality LUT, VOI LUT / window (else a percentile stretch), MONOCHROME1 and
+    the inversion heuristic — the worker's `read_display_pixels`, not a copy."""
+    return read_display_file(path).pixels
