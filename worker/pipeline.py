@@ -28,6 +28,7 @@ from worker.dicom.gate import GateRules, SizeLimits, check_header, check_size
 from worker.dicom.gsps import build_findings_gsps
 from worker.dicom.pixels import DisplayImage, PixelDataError
 from worker.dicom.sc import build_heatmap_sc
+from worker.dicom.source import SourceHeaderError, source_header
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
@@ -330,6 +331,11 @@ def _analyse(
             )
             gate[sop_uid] = ReasonCode.DATASET_MALFORMED
             continue
+        try:
+            source_header(ds)  # an instance no output may reference is left out of every output
+        except SourceHeaderError as exc:
+            gate[sop_uid] = exc.reason
+            continue
         received.append(ds)
         if not decision.eligible:
             gate[sop_uid] = decision.reason
@@ -352,7 +358,8 @@ def _analyse(
 
     if not eligible:
         if not received:
-            raise PermanentError(ReasonCode.NO_IMAGES, "no readable instance in the study")
+            cause = next((str(r) for r in gate.values() if r), ReasonCode.NO_IMAGES)
+            raise PermanentError(cause, "no readable instance in the study")
         reasons = {uid: str(r) for uid, r in gate.items() if r}
         texts = {uid: _explained(r) for uid, r in reasons.items()}
         sr_uid = derive_uid(prefix, study_uid, bundle.version, "not-analysed-sr")

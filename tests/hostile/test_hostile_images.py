@@ -120,3 +120,19 @@ def test_pixels_that_are_no_image_are_not_analysed(
     assert (job.status, job.reason_code) == (JobStatus.SKIPPED, reason)
     assert job.result is not None and not job.result.get("images")
     assert reason in text
+
+
+def test_an_instance_whose_uid_is_invalid_gets_no_output(
+    runtime: Runtime, tmp_path: Path, shared_dir: Path
+) -> None:
+    """A leading-zero UID passes the listener's syntax check but no valid output could reference it."""
+    ds = chest_cr()
+    ds.SOPInstanceUID = "1.2.03.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    job_id = enqueue_files(runtime, [save(ds, tmp_path / "image.dcm")])
+    assert process_study(job_id, runtime) == []
+    with runtime.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.reason_code) == (JobStatus.FAILED, ReasonCode.INVALID_UIDS)
+        assert s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all() == []

@@ -50,6 +50,7 @@ from highdicom.pr import (
 from pydicom.multival import MultiValue
 
 from worker.dicom.codes import AI_DISCLAIMER, FINDING_CODES, display_name, value_name
+from worker.dicom.source import require_analysed
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
@@ -134,16 +135,29 @@ def build_findings_gsps(
     be inverted against its Photometric Interpretation (`DisplayImage.inverted_by_heuristic`), so the
     presentation flips them back (bone bright). Raises ValueError on inconsistent input.
     """
-    rows, columns = _check_source(source)
+    # Every attribute taken from the source comes from its checked header (worker.dicom.source).
+    header = source_header(source)
+    require_analysed(header)
+    rows, columns = _check_source(header)
     by_label = _check_findings(findings)
     _check_regions(regions, by_label, rows, columns)
 
-    header = source_header(source)
     for keyword in _EMPTY_TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
-    voi = _voi(source)
-    modality_lut = _modality_lut(source)
+    # highdicom reads the referenced image's pixel module. An absent (or invalid, so left out) value
+    # means the default that _check_source and the pixel reader applied: one grey sample per pixel.
+    if "SamplesPerPixel" not in header:
+        header.SamplesPerPixel = 1
+    if "PhotometricInterpretation" not in header:
+        header.PhotometricInterpretation = "MONOCHROME2"
+    voi = _voi(header)
+    modality_lut = _modality_lut(header)
+    monochrome1 = str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+    anatomy = pydicom.Dataset()
+    for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
+        if keyword in header:
+            anatomy.add(header[keyword])
     # What is not carried over explicitly below must not be copied by highdicom from the header.
     for keyword in (*_VOI_KEYWORDS, "ModalityLUTSequence"):
         if keyword in header:
@@ -210,7 +224,6 @@ def build_findings_gsps(
         annotations.append(GraphicAnnotation([header], layers[1], text_objects=labels))
     annotations.append(GraphicAnnotation([header], layers[2], text_objects=corner_texts))
 
-    monochrome1 = str(source.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     inverse = monochrome1 != pixels_inverted
     shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
     with warnings.catch_warnings():
@@ -241,7 +254,7 @@ def build_findings_gsps(
         gsps.SoftcopyVOILUTSequence = [voi]
     if modality_lut is not None:
         gsps.ModalityLUTSequence = modality_lut
-    _general_series_anatomy(source, gsps)
+    _general_series_anatomy(anatomy, gsps)
     return gsps
 
 

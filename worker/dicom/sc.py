@@ -28,6 +28,7 @@ from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNea
 
 from service.core.palette import RGB, region_colour
 from worker.dicom.codes import display_name
+from worker.dicom.source import require_analysed
 from worker.dicom.sr import AlgorithmInfo, FindingResult, contributing_equipment, source_header
 from worker.regions import Region, scale_polygon
 
@@ -97,8 +98,11 @@ def build_heatmap_sc(
     max_side: int = 2048,
 ) -> pydicom.Dataset:
     """Build the heatmap Secondary Capture for `source`, in the same study, referencing it as source."""
+    # Every attribute taken from the source comes from its checked header (worker.dicom.source).
+    header = source_header(source)
+    require_analysed(header)
     pixels = np.asarray(image)
-    rows, columns = int(source.Rows), int(source.Columns)
+    rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     if pixels.shape != (rows, columns):
         raise ValueError(f"image shape {pixels.shape} does not match the source's {rows} x {columns}")
     rendered = _render(
@@ -110,11 +114,9 @@ def build_heatmap_sc(
         caption=f"{algorithm.name} {algorithm.version}",
         max_side=max_side,
     )
-    header = source_header(source)
-
-    orientation = _patient_orientation(source)
-    anatomical = str(source.get("AnatomicalOrientationType") or "") or None
-    spacing = _scaled_spacing(source, rows / rendered.image_rows, columns / rendered.image_columns)
+    orientation = _patient_orientation(header)
+    anatomical = str(header.get("AnatomicalOrientationType") or "") or None
+    spacing = _scaled_spacing(header, rows / rendered.image_rows, columns / rendered.image_columns)
     prefix = f"{algorithm.name} "
     room = 64 - len(HEATMAP_SERIES_SUFFIX)
     with warnings.catch_warnings():
@@ -153,20 +155,25 @@ def build_heatmap_sc(
         f"(bundle {algorithm.bundle_hash}) over the source image; AI-generated, not for diagnostic use"
     )[:1024]
     reference = pydicom.Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
     reference.PurposeOfReferenceCodeSequence = [
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     sc.SourceImageSequence = [reference]
     # Only General Series attributes: View Position and Image Laterality are not in the SC IOD, so
-    # Image Laterality survives as series Laterality (Type 2C: R or L, else empty).
-    if source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
-    laterality = source.get("Laterality") or source.get("ImageLaterality")
-    if laterality is not None:
-        sc.Laterality = laterality if laterality in ("R", "L") else ""
-    _carry_lossy_history(source, sc)
+    # Image Laterality survives as series Laterality. That is Type 2C (required for a paired body part):
+    # R or L where the source says so, absent for a stated body part (a chest is unpaired; an empty
+    # value there fails validation), empty where nothing is known, as in the GSPS.
+    body_part = str(header.get("BodyPartExamined") or "")
+    if body_part:
+        sc.BodyPartExamined = body_part
+    laterality = str(header.get("Laterality") or header.get("ImageLaterality") or "")
+    if laterality in ("R", "L"):
+        sc.Laterality = laterality
+    elif not body_part and ("Laterality" in header or "ImageLaterality" in header):
+        sc.Laterality = ""
+    _carry_lossy_history(header, sc)
     return sc
 
 

@@ -59,10 +59,8 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom import config
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID
-from pydicom.valuerep import validate_value
 
 from worker.dicom.codes import (
     ABSENT,
@@ -81,6 +79,7 @@ from worker.dicom.codes import (
     finding_code,
     value_concept,
 )
+from worker.dicom.source import require_analysed, source_header
 from worker.dicom.uids import derive_uid
 from worker.regions import Region
 
@@ -97,9 +96,6 @@ __all__ = [
 
 _LO_MAX = 64  # VR LO, e.g. Series Description
 _UT_SAFE = 1024  # keep TEXT items short; UT allows far more but viewers truncate
-_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
-# Type 3 attributes of the Patient Study module that our outputs copy from the source.
-_DROPPABLE_IF_INVALID = frozenset({"PatientAge", "PatientSize", "PatientWeight"})
 _EMPTY_TYPE2 = (
     "PatientID",
     "PatientName",
@@ -210,6 +206,7 @@ def build_findings_sr(
     if set(by_label) - known:
         raise ValueError(f"regions for unknown findings: {sorted(set(by_label) - known)}")
     (image,) = _evidence([source])
+    require_analysed(image)
     rows, columns = _image_size(image)
 
     groups = [
@@ -590,6 +587,8 @@ def _image_descriptors(ds: pydicom.Dataset) -> list[hd.sr.ContentItem]:
     if modality is not None:
         items.append(CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=context))
     for code, keyword in ((codes.DCM.PixelDataRows, "Rows"), (codes.DCM.PixelDataColumns, "Columns")):
+        if ds.get(keyword) is None:
+            continue  # an invalid value was left out of the header (a not-analysed instance)
         items.append(
             NumContentItem(name=code, value=int(ds[keyword].value), unit=_PIXELS, relationship_type=context)
         )
@@ -670,47 +669,17 @@ def _evidence(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
 
     highdicom reads these attributes unconditionally; received objects do not always carry them.
     """
-    studies = {str(ds.get("StudyInstanceUID", "")) for ds in sources}
-    if len(studies) != 1 or "" in studies:
-        raise ValueError(f"sources must belong to exactly one study, got {sorted(studies)}")
     copies: list[pydicom.Dataset] = []
-    for ds in sources:
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
-            if not ds.get(keyword):
-                raise ValueError(f"source lacks {keyword}")
-        header = source_header(ds)
+    headers = [source_header(ds) for ds in sources]  # SourceHeaderError (a ValueError): invalid UID
+    studies = {str(header.StudyInstanceUID) for header in headers}
+    if len(studies) != 1:
+        raise ValueError(f"sources must belong to exactly one study, got {len(studies)}")
+    for header in headers:
         for keyword in _EMPTY_TYPE2:
             if keyword not in header:
                 setattr(header, keyword, "")
         copies.append(header)
     return copies
-
-
-def source_header(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A copy of `ds` without pixel data, minus optional attributes whose values are invalid.
-
-    Patient and study attributes are copied into our outputs; a malformed optional value in the
-    source (e.g. Patient's Age "62" instead of "062Y") would otherwise make our objects invalid too.
-    Guessing the intended value would be worse than leaving it out.
-    """
-    header = pydicom.Dataset()
-    for element in ds:
-        if element.keyword in _PIXEL_KEYWORDS:
-            continue
-        if element.keyword in _DROPPABLE_IF_INVALID and not _valid(element):
-            continue
-        header.add(deepcopy(element))
-    return header
-
-
-def _valid(element: pydicom.DataElement) -> bool:
-    values = element.value if element.VM > 1 else [element.value]
-    try:
-        for value in values:
-            validate_value(element.VR, value, config.RAISE)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_image(ds: pydicom.Dataset) -> bool:
