@@ -9,9 +9,9 @@ import torch
 from monai_train.bundle import NIH_LABELS, build_network, export_bundle, inference_config
 
 
-def random_bundle(folder: Path, size: int, seed: int = 0) -> Path:
+def random_bundle(folder: Path, size: int, seed: int = 0, feature_stride: int = 32) -> Path:
     """A bundle (fp32 weights and models/model.onnx) whose speed, not accuracy, is measured."""
-    cfg = inference_config(len(NIH_LABELS), image_size=size)
+    cfg = inference_config(len(NIH_LABELS), image_size=size, feature_stride=feature_stride)
     torch.manual_seed(seed)
     return export_bundle(
         folder,

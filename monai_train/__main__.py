@@ -85,6 +85,14 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         default=None if finetune else 224,
         help="square input size" + (" (default: the source bundle's)" if finetune else ""),
     )
+    if not finetune:
+        p.add_argument(
+            "--feature-stride",
+            type=int,
+            choices=(32, 16, 8),
+            default=32,
+            help="input pixels per heatmap cell: 32 (DenseNet-121), 16 or 8 (transitions without pooling)",
+        )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="one-cycle peak learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -139,6 +147,7 @@ def run_training(args: argparse.Namespace) -> None:
     tc = TrainConfig(
         labels=labels,
         image_size=args.image_size or 224,
+        feature_stride=getattr(args, "feature_stride", 32),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -43,10 +43,23 @@ INFERENCE_TEMPLATE: dict[str, Any] = {
 }
 
 
-def inference_config(num_classes: int, image_size: int = 224) -> dict[str, Any]:
+FEATURE_STRIDES = {32: (), 16: (3,), 8: (2, 3)}  # input pixels per CAM cell → pool-free transitions
+
+
+def inference_config(num_classes: int, image_size: int = 224, feature_stride: int = 32) -> dict[str, Any]:
+    """The bundle's inference config; ``feature_stride`` < 32 keeps DenseNet-121's last transitions
+    pool-free (`worker.inference.networks.DenseNet121Fine`) for finer class-activation maps."""
+    if feature_stride not in FEATURE_STRIDES:
+        raise ValueError(f"feature stride must be one of {sorted(FEATURE_STRIDES)}, got {feature_stride}")
     cfg = copy.deepcopy(INFERENCE_TEMPLATE)
     cfg["num_classes"] = num_classes
     cfg["image_size"] = image_size
+    if feature_stride != 32:
+        cfg["network_def"] = {
+            **cfg["network_def"],
+            "_target_": "worker.inference.networks.DenseNet121Fine",
+            "pool_free_transitions": list(FEATURE_STRIDES[feature_stride]),
+        }
     return cfg
 
 

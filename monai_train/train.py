@@ -66,6 +66,7 @@ class TrainingStopped(RuntimeError):
 class TrainConfig:
     labels: tuple[str, ...] = NIH_LABELS
     image_size: int = 224
+    feature_stride: int = 32  # 8: 16 × 16 CAM cells at 128² (worker.inference.networks.DenseNet121Fine)
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-3  # one-cycle peak
@@ -319,6 +320,7 @@ def _fingerprint(tc: TrainConfig, total_steps: int, data_sha: str) -> dict[str, 
         "batch_size": tc.batch_size,
         "data_sha256": data_sha,
         "loss": tc.loss,
+        "feature_stride": tc.feature_stride,
     }
 
 
@@ -544,7 +546,11 @@ def model_card(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) ->
         "accuracy is far below a model trained on the full ChestX-ray14 set.",
         "",
         f"- Architecture: MONAI `DenseNet121`, 2-D, 1 channel, {len(tc.labels)} sigmoid outputs "
-        f"({', '.join(tc.labels)}).",
+        f"({', '.join(tc.labels)}); feature stride {tc.feature_stride} "
+        f"({max(1, tc.image_size // tc.feature_stride)} × {max(1, tc.image_size // tc.feature_stride)} "
+        "heatmap cells"
+        + ("" if tc.feature_stride == 32 else ", last transitions without pooling: `DenseNet121Fine`")
+        + ").",
         f"- Initialisation: {init}.",
         f"- Training data: {tr['images']} images of {tr['patients']} patients (validation {va['images']} / "
         f"{va['patients']}, held-out test {te['images']} / {te['patients']}), split by patient with seed "
@@ -619,7 +625,7 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
         log.info("fine-tuning from %s; output neurons kept for %s", tc.init_from, shared or "no label")
     else:
         torch.manual_seed(tc.seed)
-        cfg = inference_config(len(tc.labels), tc.image_size)
+        cfg = inference_config(len(tc.labels), tc.image_size, tc.feature_stride)
         net = build_network(cfg)
         shared = []
     if tc.checkpoint_dir is None:

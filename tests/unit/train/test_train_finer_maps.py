@@ -1,0 +1,52 @@
+"""Finer heatmaps: DenseNet-121 with pool-free last transitions, from a bundle config, in the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+
+from monai_train.bundle import NIH_LABELS, build_network, export_bundle, inference_config
+from worker.inference.bundle import load_bundle
+from worker.inference.networks import DenseNet121Fine, feature_stride
+from worker.inference.predictor import Predictor
+
+
+def test_pool_free_transitions_give_16_by_16_maps_at_128_with_densenet121_weights() -> None:
+    fine = DenseNet121Fine(spatial_dims=2, in_channels=1, out_channels=3, pool_free_transitions=(2, 3)).eval()
+    plain = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)
+    assert {k: v.shape for k, v in fine.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
+    with torch.inference_mode():
+        assert fine.features(torch.zeros(1, 1, 128, 128)).shape[2:] == (16, 16)
+    assert feature_stride((2, 3)) == 8 and feature_stride(()) == 32
+    with pytest.raises(ValueError):
+        DenseNet121Fine(spatial_dims=2, in_channels=1, out_channels=3, pool_free_transitions=(4,))
+    with pytest.raises(ValueError):
+        inference_config(14, 128, feature_stride=4)
+
+
+def test_a_fine_bundle_runs_in_the_worker(tmp_path: Path) -> None:
+    cfg = inference_config(len(NIH_LABELS), 64, feature_stride=8)
+    assert cfg["network_def"]["_target_"] == "worker.inference.networks.DenseNet121Fine"
+    torch.manual_seed(0)
+    export_bundle(
+        tmp_path / "b",
+        build_network(cfg),
+        cfg,
+        name="fine",
+        version="0",
+        labels=NIH_LABELS,
+        operating_points=dict.fromkeys(NIH_LABELS, 0.5),
+        temperature=1.0,
+        metrics={},
+        training_data={},
+        model_card="test",
+        onnx=False,
+    )
+    pred = Predictor(load_bundle(tmp_path / "b"), threads=1).predict([np.full((200, 180), 0.5, np.float32)])
+    assert pred.cams.shape == (1, 14, 8, 8) and pred.probabilities.shape == (1, 14)
