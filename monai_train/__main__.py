@@ -113,6 +113,18 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         "--checkpoint-dir", type=Path, default=None, help="default: <out>.checkpoints beside --out"
     )
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="preprocessed-image cache (default: <checkpoint-dir>/cache)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes decoding into the cache and reading it (0: none)"
+    )
+    p.add_argument(
+        "--no-tensorboard", action="store_true", help="no event files in <checkpoint-dir>/tensorboard"
+    )
     p.add_argument("--stop-after", type=int, default=None, help="stop after this epoch (resume later)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     p.add_argument(
@@ -169,6 +181,9 @@ def run_training(args: argparse.Namespace) -> None:
         notes=args.notes.read_text() if args.notes else "",
         init_from=from_bundle,
         stop_after=args.stop_after,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+        tensorboard=not args.no_tensorboard,
     )
     if from_bundle is not None and args.image_size is None:
         tc.image_size = 0  # init_from_bundle keeps the source bundle's size

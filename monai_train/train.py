@@ -1,7 +1,8 @@
 """Training a MONAI DenseNet-121 bundle: the same preprocessing the worker runs, then calibration and export.
 
-Flow: records → patient-wise splits → CacheDataset (load + the bundle's preprocessing, cached) →
-random augmentation on the preprocessed tensor (train only) → class-weighted BCE (or focal) with AdamW
+Flow: records → patient-wise splits → disk cache (the worker's rendering + the bundle's preprocessing, once
+per image, multi-process; unreadable images skipped and counted) → streamed batches, augmented as whole
+batches on the training device (train only) → class-weighted BCE (or focal) with AdamW
 and a one-cycle LR → best epoch by validation mean AUROC → temperature on validation logits →
 per-label operating points on calibrated validation probabilities → metrics on the held-out test split
 → ``export_bundle``.
@@ -14,6 +15,8 @@ import json
 import logging
 import math
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -23,25 +26,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.data import CacheDataset, DataLoader
-from monai.transforms import (
-    Compose,
-    MapTransform,
-    RandAdjustContrastd,
-    RandRotated,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    RandZoomd,
-)
+from monai.transforms import MapTransform
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from monai_train.bundle import (
     NIH_LABELS,
     build_network,
-    build_preprocessing,
     export_bundle,
     inference_config,
 )
+from monai_train.cache import Augmentation, CachedImages, CacheReport, augment_batch, build_cache
 from monai_train.calibrate import fit_platt
 from monai_train.data import LeakageError, Record, Splits, check_no_leakage, data_summary, load_image
 from monai_train.metrics import (
@@ -88,6 +83,9 @@ class TrainConfig:
     notes: str = ""
     init_from: Path | None = None  # fine-tuning: bundle the network starts from
     stop_after: int | None = None  # stop after this epoch (time-boxed jobs); continue with resume=True
+    cache_dir: Path | None = None  # preprocessed images (default: <checkpoint_dir>/cache)
+    workers: int = 0  # processes decoding into the cache and DataLoader workers reading it
+    tensorboard: bool = True  # event files under <checkpoint_dir>/tensorboard
 
 
 @dataclass
@@ -107,11 +105,8 @@ class TrainResult:
 
 
 class LoadPreprocessd(MapTransform):
-    """Path → display image → the bundle's preprocessing; deterministic, so CacheDataset caches it.
-
-    The tensor is built as the worker's Predictor builds it (``torch.as_tensor(np.asarray(pre(img)))``),
-    so a cached training/evaluation input is bit-identical to what the worker feeds the network.
-    """
+    """Path → display image → the bundle's preprocessing, built as the worker's Predictor builds it
+    (``torch.as_tensor(np.asarray(pre(img)))``): what the disk cache stores for each image."""
 
     def __init__(self, preprocessing: Any, key: str = "image") -> None:
         super().__init__([key])
@@ -125,42 +120,27 @@ class LoadPreprocessd(MapTransform):
         return d
 
 
-def augmentation(seed: int) -> Compose:
-    """Mild, anatomy-preserving augmentation on the *normalised* tensor (x − 0.5) / 0.25.
+def cache_dir_for(tc: TrainConfig) -> Path:
+    if tc.cache_dir is not None:
+        return tc.cache_dir
+    if tc.checkpoint_dir is not None:
+        return tc.checkpoint_dir / "cache"
+    return Path(tempfile.gettempdir()) / "monai_train-cache"
 
-    No flips: left/right matters on a chest film (heart side, situs). In normalised units, 0 is mid-grey,
-    so RandScaleIntensity changes contrast about mid-grey and RandShiftIntensity shifts brightness
-    (±0.2 ≙ ±0.05 of the display range).
-    """
-    aug = Compose(
-        [
-            RandRotated("image", range_x=math.radians(10), prob=0.5, padding_mode="border"),
-            RandZoomd("image", prob=0.5, min_zoom=0.9, max_zoom=1.1, mode="bilinear", padding_mode="edge"),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
-            RandScaleIntensityd("image", factors=0.1, prob=0.3),
-            RandShiftIntensityd("image", offsets=0.2, prob=0.3),
-        ]
+
+def cache_splits(splits: Splits, cfg: dict[str, Any], tc: TrainConfig) -> tuple[Splits, CacheReport]:
+    """Preprocess every image of every split into the disk cache (once); the splits without the images
+    that could not be read (counted per reason in the report, never fatal)."""
+    report = build_cache(
+        [*splits.train, *splits.val, *splits.test], cfg, cache_dir_for(tc), workers=tc.workers
     )
-    aug.set_random_state(seed=seed)
-    return aug
-
-
-def _items(records: Sequence[Record]) -> list[dict[str, Any]]:
-    return [
-        {"image": str(r.image), "label": np.asarray(r.labels, dtype=np.float32), "name": r.name}
-        for r in records
-    ]
-
-
-def make_dataset(
-    records: Sequence[Record], cfg: dict[str, Any], augment: Compose | None = None
-) -> CacheDataset:
-    transforms: list[Any] = [LoadPreprocessd(build_preprocessing(cfg))]
-    if augment is not None:
-        transforms.append(augment)
-    return CacheDataset(
-        _items(records), transform=Compose(transforms), cache_rate=1.0, num_workers=0, progress=False
+    kept = {str(r.image) for r in report.records}
+    filtered = Splits(
+        train=[r for r in splits.train if str(r.image) in kept],
+        val=[r for r in splits.val if str(r.image) in kept],
+        test=[r for r in splits.test if str(r.image) in kept],
     )
+    return filtered, report
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -278,7 +258,7 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def predict_logits(
-    net: torch.nn.Module, dataset: CacheDataset, batch_size: int, device: torch.device
+    net: torch.nn.Module, dataset: CachedImages, batch_size: int, device: torch.device
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[str]]:
     """(logits, labels, names) in dataset order, network in eval mode, fp32."""
     net.eval()
@@ -297,13 +277,14 @@ def sigmoid(z: npt.ArrayLike) -> npt.NDArray[np.float32]:
     return (1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))).astype(np.float32)
 
 
-def _progress(loader: DataLoader, desc: str) -> Iterator[Any]:
-    try:
-        from tqdm import tqdm  # optional: a live bar when installed, log lines otherwise
-    except ImportError:
+def _progress(loader: DataLoader, desc: str, enabled: bool) -> Iterator[Any]:
+    """A live bar with rate and ETA on a terminal (tqdm); log lines do the job elsewhere."""
+    if not enabled:
         yield from loader
         return
-    yield from tqdm(loader, desc=desc, leave=False)
+    from tqdm import tqdm
+
+    yield from tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -312,16 +293,30 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(tc: TrainConfig, total_steps: int, data_sha: str) -> dict[str, Any]:
-    return {
-        "labels": list(tc.labels),
-        "image_size": tc.image_size,
-        "total_steps": total_steps,
-        "batch_size": tc.batch_size,
-        "data_sha256": data_sha,
-        "loss": tc.loss,
-        "feature_stride": tc.feature_stride,
-    }
+# Settings that change what a run computes: a checkpoint resumes only a run with all of them equal.
+# (Logging, device, paths, naming, export precision and post-training choices may differ.)
+_RUN_SETTINGS = (
+    "labels",
+    "image_size",
+    "feature_stride",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "loss",
+    "focal_gamma",
+    "pos_weight_max",
+    "augment",
+    "seed",
+    "init_from",
+)
+
+
+def _fingerprint(tc: TrainConfig, total_steps: int, data_sha: str, val_sha: str = "") -> dict[str, Any]:
+    settings = {k: getattr(tc, k) for k in _RUN_SETTINGS}
+    settings["labels"] = list(tc.labels)
+    settings["init_from"] = str(tc.init_from) if tc.init_from else None
+    return {**settings, "total_steps": total_steps, "data_sha256": data_sha, "val_sha256": val_sha}
 
 
 def fit(
@@ -329,27 +324,41 @@ def fit(
     splits: Splits,
     cfg: dict[str, Any],
     tc: TrainConfig,
-) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], CacheDataset, CacheDataset]:
+) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], CachedImages, CachedImages]:
     """Train; returns (best state, best epoch, history, val dataset, test dataset)."""
     device = resolve_device(tc.device)
     use_amp = device.type == "cuda"
+    # bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler.
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     t0 = time.monotonic()
-    aug = augmentation(tc.seed) if tc.augment else None
-    train_ds = make_dataset(splits.train, cfg, aug)
-    val_ds = make_dataset(splits.val, cfg)
-    test_ds = make_dataset(splits.test, cfg)
+    splits, report = cache_splits(splits, cfg, tc)
+    cache = cache_dir_for(tc)
+    train_ds = CachedImages(splits.train, cfg, cache)
+    val_ds = CachedImages(splits.val, cfg, cache)
+    test_ds = CachedImages(splits.test, cfg, cache)
     log.info(
-        "cached %d/%d/%d preprocessed images in %.1fs",
+        "%d/%d/%d preprocessed images in the disk cache %s (%d built now, %.1fs)",
         len(train_ds),
         len(val_ds),
         len(test_ds),
+        cache,
+        report.built,
         time.monotonic() - t0,
     )
+    if not len(train_ds):
+        raise ValueError(f"no readable training image (skipped: {report.skipped})")
     generator = torch.Generator().manual_seed(tc.seed)
     loader = DataLoader(
-        train_ds, batch_size=tc.batch_size, shuffle=True, num_workers=0, drop_last=False, generator=generator
+        train_ds,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        num_workers=tc.workers,
+        drop_last=False,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=tc.workers > 0,
     )
     steps_per_epoch = len(loader)
     total_steps = max(1, steps_per_epoch * tc.epochs)
@@ -358,10 +367,15 @@ def fit(
     pos_weight = positive_weights(splits.train, len(tc.labels), tc.pos_weight_max).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
     # A checkpoint only resumes the same run: same labels, size, schedule and training images.
-    fingerprint = _fingerprint(tc, total_steps, str(data_summary(splits.train, tc.labels)["sha256"]))
+    fingerprint = _fingerprint(
+        tc,
+        total_steps,
+        str(data_summary(splits.train, tc.labels)["sha256"]),
+        str(data_summary(splits.val, tc.labels)["sha256"]),
+    )
     ckpt_dir = tc.checkpoint_dir
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     best_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -386,22 +400,26 @@ def fit(
             log.info("resumed from %s after epoch %d (best epoch %d)", last, start_epoch, best_epoch)
         elif tc.resume:
             log.warning("--resume given but %s does not exist: starting afresh", last)
+    writer = _tensorboard(tc)
+    show_bar = tc.log_every > 0 and sys.stderr.isatty()
+    aug_gen = torch.Generator()
 
     last_epoch = min(tc.epochs, tc.stop_after or tc.epochs)
     for epoch in range(start_epoch + 1, last_epoch + 1):
         # Shuffling and augmentation are seeded per epoch, so a resumed run draws exactly what an
         # uninterrupted one would have drawn.
         generator.manual_seed(tc.seed * 100_003 + epoch)
-        if aug is not None:
-            aug.set_random_state(seed=(tc.seed * 100_003 + epoch) % (2**32))
+        aug_gen.manual_seed(tc.seed * 100_003 + epoch + 7919)
         net.train()
         t_epoch = time.monotonic()
         running, seen = 0.0, 0
-        for step, batch in enumerate(_progress(loader, f"epoch {epoch}"), start=1):
+        for step, batch in enumerate(_progress(loader, f"epoch {epoch}/{tc.epochs}", show_bar), start=1):
             x = _tensor(batch["image"]).to(device, non_blocking=True)
             y = _tensor(batch["label"]).to(device, non_blocking=True)
+            if tc.augment:
+                x = augment_batch(x, aug_gen)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = net(x)
             loss = multilabel_loss(logits, y, pos_weight, tc.loss, tc.focal_gamma)
             scaler.scale(loss).backward()
@@ -410,6 +428,10 @@ def fit(
             scheduler.step()
             running += float(loss.detach()) * x.shape[0]
             seen += x.shape[0]
+            if writer is not None:
+                global_step = (epoch - 1) * steps_per_epoch + step
+                writer.add_scalar("train/loss", float(loss.detach()), global_step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
             if tc.log_every and (step % tc.log_every == 0 or step == steps_per_epoch):
                 rate = seen / max(time.monotonic() - t_epoch, 1e-9)
                 log.info(
@@ -467,6 +489,13 @@ def fit(
             "n/a" if val_auroc is None else f"{val_auroc:.4f}",
             " (best)" if improved else "",
         )
+        if writer is not None:
+            writer.add_scalar("epoch/train_loss", train_loss, epoch)
+            if math.isfinite(val_loss):
+                writer.add_scalar("epoch/val_loss", val_loss, epoch)
+            if val_auroc is not None:
+                writer.add_scalar("epoch/val_mean_auroc", val_auroc, epoch)
+            writer.flush()
         if ckpt_dir is not None:
             if improved:
                 _atomic_save(best_state, ckpt_dir / "best.pt")
@@ -484,7 +513,22 @@ def fit(
                 },
                 ckpt_dir / "last.pt",
             )
+    if writer is not None:
+        writer.close()
     return best_state, best_epoch, history, val_ds, test_ds
+
+
+def _tensorboard(tc: TrainConfig) -> Any:
+    """A TensorBoard SummaryWriter under <checkpoint_dir>/tensorboard (``tensorboard --logdir`` there)."""
+    if not tc.tensorboard or tc.checkpoint_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # declared in the train extra; a bare install still trains
+        log.warning("tensorboard is not installed (pip install 'cxr-gateway[train]'): no event files")
+        return None
+
+    return SummaryWriter(log_dir=str(tc.checkpoint_dir / "tensorboard"))
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -537,7 +581,7 @@ def model_card(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) ->
     m = result.metrics
     ref = m.get("reference_comparison")
     init = f"fine-tuned from {tc.init_from}" if tc.init_from else "random (trained from scratch)"
-    aug = "rotation ±10°, zoom 0.9–1.1, gamma/contrast/brightness" if tc.augment else "none"
+    aug = Augmentation().describe() if tc.augment else "none"
     tr, va, te = summary["train"], summary["val"], summary["test"]
     lines = [
         f"# {tc.name} {tc.version} — demonstration model",
@@ -631,6 +675,8 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
     if tc.checkpoint_dir is None:
         tc.checkpoint_dir = out_dir.parent / f"{out_dir.name}.checkpoints"
 
+    # Unreadable or non-image files are dropped here (counted per reason), before anything is measured.
+    splits, cache_report = cache_splits(splits, cfg, tc)
     best_state, best_epoch, history, val_ds, test_ds = fit(net, splits, cfg, tc)
     if len(history) < tc.epochs:
         raise TrainingStopped(
@@ -708,6 +754,7 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
             for name, s in summary.items()
         },
         "split_unit": "patient",
+        "skipped": {"counts": cache_report.skipped, "examples": cache_report.skipped_examples},
         "seed": tc.seed,
         "history": history,
         "best_epoch": best_epoch,
