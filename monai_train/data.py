@@ -127,6 +127,7 @@ def read_records(
     src = source if source is not None else images.parent.name or str(images)
     records: list[Record] = []
     absent: list[str] = []
+    seen_findings: set[str] = set()
     # The full NIH label file ships gzipped (Data_Entry_2017_v2020.csv.gz): read it as it is.
     opener = gzip.open if labels_csv.suffix == ".gz" else open
     with opener(labels_csv, "rt", newline="") as fh:
@@ -137,6 +138,7 @@ def read_records(
             raise DataError(f"{labels_csv} lacks columns {sorted(need - columns)}")
         for row in reader:
             name = row[IMAGE_COLUMN].strip()
+            seen_findings.update(f.strip() for f in row[FINDINGS_COLUMN].split("|") if f.strip())
             path = _find_image(images, name)
             if path is None:
                 absent.append(name)
@@ -153,12 +155,22 @@ def read_records(
                     source=src,
                 )
             )
+    unknown = [lb for lb in label_set if lb not in NIH_LABELS and lb not in seen_findings]
+    if unknown:
+        # A label no row names would be an output trained on negatives only: refuse it.
+        raise DataError(
+            f"label set names {unknown}: neither NIH findings nor found in {labels_csv} "
+            f"(its findings: {sorted(seen_findings - {NO_FINDING})[:20]})"
+        )
     if absent and missing == "error":
         raise DataError(f"{len(absent)} images named in {labels_csv} are not in {images}: {absent[:3]}…")
     if absent:
         log.warning("%d images named in %s are not in %s; skipped", len(absent), labels_csv, images)
     if not records:
-        raise DataError(f"no images of {labels_csv} found in {images}")
+        raise DataError(
+            f"no image named in {labels_csv} is in {images} "
+            f"(first unmatched: {', '.join(absent[:5]) or 'none'})"
+        )
     return records
 
 

@@ -139,3 +139,14 @@ def test_dicom_loading_honours_monochrome1(tmp_path: Path) -> None:
     assert mono2.shape == (8, 8) and mono2.min() >= 0.0 and mono2.max() <= 1.0
     assert mono2[0, 0] < mono2[-1, -1]  # higher stored value = brighter
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+
+
+def test_an_unknown_label_is_an_error_not_an_untrained_output(small_set: Path) -> None:
+    with pytest.raises(DataError, match="Pneumothorx"):
+        read_records(small_set / "images", small_set / "labels.csv", ("Effusion", "Pneumothorx"))
+
+
+def test_a_labels_file_matching_no_image_names_the_first_unmatched(small_set: Path, tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=r"first unmatched: 0000"):
+        read_records(tmp_path / "images", small_set / "labels.csv", missing="skip")
