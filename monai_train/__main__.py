@@ -152,7 +152,22 @@ def run_training(args: argparse.Namespace) -> None:
     if spec is None and from_bundle is not None:  # finetune without --label-set keeps the bundle's labels
         spec = json.loads((from_bundle / "configs" / "metadata.json").read_text())["labels"]
     labels = parse_label_set(spec)
-    records = combine(read_records(i, c, labels) for i, c in zip(args.images, args.labels, strict=True))
+    from monai_train.dicom_folder import is_dicom_folder, read_dicom_folder
+
+    datasets = []
+    input_report: dict[str, object] = {}
+    for folder, csv_path in zip(args.images, args.labels, strict=True):
+        if is_dicom_folder(folder):
+            # A PACS export: Patient ID and view from the headers, the worker's input gate applied.
+            recs, report = read_dicom_folder(folder, csv_path, labels)
+            input_report[str(folder)] = report.as_json()
+            print(
+                f"{folder}: {report.accepted} of {report.files} DICOM files in; refused {report.rejected}"
+            )
+        else:
+            recs = read_records(folder, csv_path, labels)
+        datasets.append(recs)
+    records = combine(datasets)
     if args.limit:
         records = records[: args.limit]
     splits = split_by_patient(records, args.split, args.seed, stratify_by_source=not args.no_stratify)
@@ -182,6 +197,7 @@ def run_training(args: argparse.Namespace) -> None:
         init_from=from_bundle,
         stop_after=args.stop_after,
         cache_dir=args.cache_dir,
+        input_report=input_report,
         workers=args.workers,
         tensorboard=not args.no_tensorboard,
     )

@@ -86,6 +86,7 @@ class TrainConfig:
     cache_dir: Path | None = None  # preprocessed images (default: <checkpoint_dir>/cache)
     workers: int = 0  # processes decoding into the cache and DataLoader workers reading it
     tensorboard: bool = True  # event files under <checkpoint_dir>/tensorboard
+    input_report: dict[str, Any] = field(default_factory=dict)  # DICOM folders: gate decisions per folder
 
 
 @dataclass
@@ -755,11 +756,16 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
         },
         "split_unit": "patient",
         "skipped": {"counts": cache_report.skipped, "examples": cache_report.skipped_examples},
+        **({"dicom_folders": tc.input_report} if tc.input_report else {}),
         "seed": tc.seed,
         "history": history,
         "best_epoch": best_epoch,
         "selected_by": result.extra["selected_by"],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tc).items() if k != "notes"},
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(tc).items()
+            if k not in {"notes", "input_report"}
+        },
     }
     export_bundle(
         out_dir,
