@@ -142,6 +142,9 @@ class Intake:
     def store(self, rx: Received) -> Outcome:
         ae = rx.calling_ae_title
         size = rx.path.stat().st_size
+        if size > self._settings.max_instance_bytes:
+            # The PDU guard aborts a transfer at this size; a file that got here otherwise is refused too.
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, ReasonCode.INSTANCE_TOO_LARGE, ae)
         refusal = self.pressure.refusal(size)
         if refusal is not None:
             return self._refuse(StoreStatus.OUT_OF_RESOURCES, refusal, ae)

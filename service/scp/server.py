@@ -49,6 +49,7 @@ from service.scp.handlers import (
     make_store_handler,
 )
 from service.scp.intake import Intake
+from service.scp.pduguard import GuardLimits, ReceiveBudget
 from service.scp.peers import PeerPolicy
 from service.scp.transport import GatewayAssociationServer
 
@@ -75,15 +76,12 @@ TRANSFER_SYNTAXES = (
     RLELossless,
 )
 
-# Largest P-DATA PDU we accept. Bigger PDUs mean fewer Python-level PDU round trips per image; 1 MiB keeps
-# the per-association buffer small.
-MAX_PDU_BYTES = 1 << 20
-
 
 def build_ae(settings: Settings, policy: PeerPolicy | None = None) -> AE:
     ae = AE(ae_title=settings.listener_ae_title)
     ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = MAX_PDU_BYTES
+    # Advertised in the A-ASSOCIATE-AC; the PDU guard (service.scp.pduguard) holds peers to it.
+    ae.maximum_pdu_size = settings.listener_max_pdu_bytes
     ae.network_timeout = settings.listener_network_timeout
     ae.acse_timeout = settings.listener_acse_timeout
     ae.dimse_timeout = settings.listener_dimse_timeout
@@ -113,6 +111,13 @@ class Listener:
         )
         self.reconciler = Reconciler(settings, self.sessions, self.celery)
         self.servers: list[ThreadedAssociationServer] = []
+        self.receive_budget = ReceiveBudget(settings.listener_receive_memory_bytes)
+        self.guard_limits = GuardLimits(
+            max_pdu=settings.listener_max_pdu_bytes,
+            max_instance_bytes=settings.max_instance_bytes,
+            budget=self.receive_budget,
+            budget_wait=settings.listener_network_timeout,
+        )
 
     @property
     def staging_dir(self) -> Path:
@@ -167,6 +172,7 @@ class Listener:
             socket_timeout=s.listener_network_timeout,
             # Room for the transient A-ASSOCIATE-RJ to reach extra peers; beyond it, close at once.
             max_connections=2 * s.max_associations + 4,
+            guard_limits=self.guard_limits,
         )
         ae._servers.append(server)  # so that server.shutdown() finds itself there, as with start_server
         thread = threading.Thread(target=server.serve_forever, name=f"dicom-server-{port}", daemon=True)

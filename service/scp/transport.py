@@ -4,6 +4,9 @@
   accept loop with the handshake on connect, so one silent client would stall every other connection.
 * Accepted sockets get a timeout: pynetdicom reads a PDU with blocking ``recv`` calls, and a peer that
   stops mid-PDU would otherwise hold its thread (and an association slot) forever.
+* Every accepted connection runs under the PDU guard (service.scp.pduguard): PDUs larger than we
+  advertise, DIMSE on rejected presentation contexts and the like abort the association before
+  pynetdicom buffers or decodes them, and one receive budget bounds the PDU bytes of all connections.
 * Connections beyond a hard cap are closed before any DICOM exchange, so a connection flood cannot
   exhaust threads; below it, pynetdicom's ``maximum_associations`` answers extra associations with a
   transient A-ASSOCIATE-RJ (local limit exceeded).
@@ -22,6 +25,7 @@ from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.core.status import ReasonCode
+from service.scp.pduguard import GuardedSSLSocket, GuardLimits, guard
 from service.scp.safelog import log_failure
 
 log = logging.getLogger(__name__)
@@ -34,9 +38,11 @@ class GatewayAssociationServer(ThreadedAssociationServer):
         handshake_timeout: float = 30.0,
         socket_timeout: float | None = 60.0,
         max_connections: int = 64,
+        guard_limits: GuardLimits | None = None,
         **kwargs: Any,
     ) -> None:
         self.handshake_timeout = handshake_timeout
+        self.guard_limits = guard_limits
         self.socket_timeout = socket_timeout
         self.max_connections = max_connections
         # Connections not yet handed to an association thread (accepted, in TLS handshake, negotiating).
@@ -44,6 +50,9 @@ class GatewayAssociationServer(ThreadedAssociationServer):
         self._connections_lock = threading.Lock()
         self._local = threading.local()
         super().__init__(*args, **kwargs)
+        if self.ssl_context is not None and guard_limits is not None:
+            # The public hook for the class wrap_socket returns: TLS connections get the guard too.
+            self.ssl_context.sslsocket_class = GuardedSSLSocket
         # pynetdicom fires EVT_CONN_OPEN in our request thread just before it starts the association's own
         # thread: from then on that thread counts (ae.active_associations), so the slot is handed over.
         self.bind(evt.EVT_CONN_OPEN, self._handed_over)
@@ -54,6 +63,9 @@ class GatewayAssociationServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        if self.guard_limits is not None:
+            # Below pynetdicom: it reads and buffers PDUs by their announced length (service.scp.pduguard).
+            client = guard(client, self.guard_limits, str(address[0]))
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
