@@ -20,10 +20,12 @@ from service.core.settings import load_settings
 from service.core.workers import WorkerInfo
 from worker import __version__
 from worker.broker import guard_restore_unacked, stopping_on_purpose
+from worker.confine import confine_to_data_dir
 from worker.heartbeat import Heartbeat
 from worker.pipeline import Runtime
 
 settings = load_settings(os.environ.get("CXR_CONFIG") or None)
+confine_to_data_dir(settings)  # before the inference libraries are imported: they read it then
 setup_logging(settings.log_level)
 runtime = Runtime(settings=settings, sessions=make_session_factory(settings))
 app = make_celery(settings)

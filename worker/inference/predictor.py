@@ -7,6 +7,7 @@ on the CPU, per image) and ``run`` (one forward pass over a stacked batch, on th
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -110,8 +111,7 @@ class Predictor:
         self.backend = self._choose_backend(Backend(backend))
         self._session: Any = None
         if self.backend == Backend.ONNX:
-            import onnxruntime as ort
-
+            ort = _onnxruntime()
             options = ort.SessionOptions()
             if threads > 0:
                 options.intra_op_num_threads = threads
@@ -136,7 +136,7 @@ class Predictor:
             if not onnx_ok:
                 return Backend.TORCH
             try:
-                import onnxruntime  # noqa: F401
+                _onnxruntime()
             except ImportError:
                 return Backend.TORCH
             return Backend.ONNX
@@ -201,3 +201,13 @@ class Predictor:
             cams=(cams / peak).cpu().numpy().astype(np.float32),
             batch_images=int(logits.shape[0]),
         )
+
+
+def _onnxruntime() -> Any:
+    """The onnxruntime module, imported with its telemetry off: on import it would otherwise write a
+    device id and a telemetry database under ~/.cache and a file under $TMPDIR (worker.confine does the
+    same for the worker process; this covers every other user of the predictor)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
