@@ -161,9 +161,7 @@ def run_training(args: argparse.Namespace) -> None:
             # A PACS export: Patient ID and view from the headers, the worker's input gate applied.
             recs, report = read_dicom_folder(folder, csv_path, labels)
             input_report[str(folder)] = report.as_json()
-            print(
-                f"{folder}: {report.accepted} of {report.files} DICOM files in; refused {report.rejected}"
-            )
+            print(f"{folder}: {report.accepted} of {report.files} DICOM files in; refused {report.rejected}")
         else:
             recs = read_records(folder, csv_path, labels)
         datasets.append(recs)
@@ -207,6 +205,11 @@ def run_training(args: argparse.Namespace) -> None:
         result = train_and_export(splits, tc, args.out)
     except TrainingStopped as stopped:
         print(stopped)
+        return
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not result.metrics:  # a DDP process other than rank 0: rank 0 wrote the bundle
         return
     m = result.metrics
     print(

@@ -132,9 +132,13 @@ def cache_dir_for(tc: TrainConfig) -> Path:
 def cache_splits(splits: Splits, cfg: dict[str, Any], tc: TrainConfig) -> tuple[Splits, CacheReport]:
     """Preprocess every image of every split into the disk cache (once); the splits without the images
     that could not be read (counted per reason in the report, never fatal)."""
-    report = build_cache(
-        [*splits.train, *splits.val, *splits.test], cfg, cache_dir_for(tc), workers=tc.workers
-    )
+    rank, _ = init_distributed(resolve_device(tc.device).type)
+    records = [*splits.train, *splits.val, *splits.test]
+    if rank != 0:
+        _barrier()  # rank 0 preprocesses; the others then find every image cached
+    report = build_cache(records, cfg, cache_dir_for(tc), workers=tc.workers)
+    if rank == 0:
+        _barrier()
     kept = {str(r.image) for r in report.records}
     filtered = Splits(
         train=[r for r in splits.train if str(r.image) in kept],
@@ -253,8 +257,33 @@ def check_finetune_leakage(source_bundle: Path, splits: Splits) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per torchrun process
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def distributed() -> bool:
+    """True under ``torchrun`` with more than one process (WORLD_SIZE > 1)."""
+    return torch.distributed.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
+    if not distributed():
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _barrier() -> None:
+    if distributed() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 @torch.inference_mode()
@@ -328,6 +357,7 @@ def fit(
 ) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], CachedImages, CachedImages]:
     """Train; returns (best state, best epoch, history, val dataset, test dataset)."""
     device = resolve_device(tc.device)
+    rank, world = init_distributed(device.type)
     use_amp = device.type == "cuda"
     # bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler.
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -351,10 +381,19 @@ def fit(
     if not len(train_ds):
         raise ValueError(f"no readable training image (skipped: {report.skipped})")
     generator = torch.Generator().manual_seed(tc.seed)
+    # DDP: each process takes its share of every epoch's shuffled order (the sampler is seeded per epoch).
+    sampler = (
+        torch.utils.data.DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed
+        )
+        if world > 1
+        else None
+    )
     loader = DataLoader(
         train_ds,
         batch_size=tc.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=tc.workers,
         drop_last=False,
         generator=generator,
@@ -365,6 +404,12 @@ def fit(
     total_steps = max(1, steps_per_epoch * tc.epochs)
 
     net.to(device)
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        log.info("DDP: rank %d of %d, %d training batches per process per epoch", rank, world, len(loader))
     pos_weight = positive_weights(splits.train, len(tc.labels), tc.pos_weight_max).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=total_steps)
@@ -377,6 +422,7 @@ def fit(
         str(data_summary(splits.train, tc.labels)["sha256"]),
         str(data_summary(splits.val, tc.labels)["sha256"]),
     )
+    fingerprint["world_size"] = world
     ckpt_dir = tc.checkpoint_dir
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     best_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -401,8 +447,8 @@ def fit(
             log.info("resumed from %s after epoch %d (best epoch %d)", last, start_epoch, best_epoch)
         elif tc.resume:
             log.warning("--resume given but %s does not exist: starting afresh", last)
-    writer = _tensorboard(tc)
-    show_bar = tc.log_every > 0 and sys.stderr.isatty()
+    writer = _tensorboard(tc) if rank == 0 else None
+    show_bar = tc.log_every > 0 and sys.stderr.isatty() and rank == 0
     aug_gen = torch.Generator()
 
     last_epoch = min(tc.epochs, tc.stop_after or tc.epochs)
@@ -410,7 +456,9 @@ def fit(
         # Shuffling and augmentation are seeded per epoch, so a resumed run draws exactly what an
         # uninterrupted one would have drawn.
         generator.manual_seed(tc.seed * 100_003 + epoch)
-        aug_gen.manual_seed(tc.seed * 100_003 + epoch + 7919)
+        aug_gen.manual_seed(tc.seed * 100_003 + epoch + 7919 + 1_000_003 * rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         net.train()
         t_epoch = time.monotonic()
         running, seen = 0.0, 0
@@ -421,7 +469,7 @@ def fit(
                 x = augment_batch(x, aug_gen)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = net(x)
+                logits = model(x)
             loss = multilabel_loss(logits, y, pos_weight, tc.loss, tc.focal_gamma)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -497,7 +545,7 @@ def fit(
             if val_auroc is not None:
                 writer.add_scalar("epoch/val_mean_auroc", val_auroc, epoch)
             writer.flush()
-        if ckpt_dir is not None:
+        if ckpt_dir is not None and rank == 0:
             if improved:
                 _atomic_save(best_state, ckpt_dir / "best.pt")
             _atomic_save(
@@ -516,6 +564,7 @@ def fit(
             )
     if writer is not None:
         writer.close()
+    _barrier()  # every process has finished; rank 0's checkpoints are on disk
     return best_state, best_epoch, history, val_ds, test_ds
 
 
@@ -679,6 +728,11 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
     # Unreadable or non-image files are dropped here (counted per reason), before anything is measured.
     splits, cache_report = cache_splits(splits, cfg, tc)
     best_state, best_epoch, history, val_ds, test_ds = fit(net, splits, cfg, tc)
+    rank, world = init_distributed(resolve_device(tc.device).type)
+    if rank != 0:  # DDP: the other processes are done; rank 0 calibrates, measures and exports
+        return TrainResult(
+            out_dir, history, best_epoch, 1.0, {}, {}, [], np.zeros((0, len(tc.labels)), np.float32)
+        )
     if len(history) < tc.epochs:
         raise TrainingStopped(
             f"stopped after epoch {len(history)} of {tc.epochs}; checkpoint in {tc.checkpoint_dir} "
@@ -755,6 +809,7 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
             for name, s in summary.items()
         },
         "split_unit": "patient",
+        "processes": world,
         "skipped": {"counts": cache_report.skipped, "examples": cache_report.skipped_examples},
         **({"dicom_folders": tc.input_report} if tc.input_report else {}),
         "seed": tc.seed,
