@@ -70,6 +70,20 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument(
+        "--label-map",
+        type=Path,
+        default=None,
+        help="JSON mapping of any label CSV (columns, synonyms, uncertain policy, No Finding, split column)",
+    )
+    p.add_argument(
+        "--test-images",
+        type=Path,
+        action="append",
+        default=None,
+        help="external test set folder (repeatable)",
+    )
+    p.add_argument("--test-labels", type=Path, action="append", default=None, help="its label CSV")
+    p.add_argument(
         "--label-set",
         "--labels-set",
         dest="label_set",
@@ -140,7 +154,7 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
 
 
 def run_training(args: argparse.Namespace) -> None:
-    from monai_train.data import combine, parse_label_set, read_records, split_by_patient
+    from monai_train.data import check_no_leakage, combine, parse_label_set, read_records, split_by_patient
     from monai_train.train import TrainConfig, TrainingStopped, train_and_export
 
     if len(args.images) != len(args.labels):
@@ -152,23 +166,42 @@ def run_training(args: argparse.Namespace) -> None:
     if spec is None and from_bundle is not None:  # finetune without --label-set keeps the bundle's labels
         spec = json.loads((from_bundle / "configs" / "metadata.json").read_text())["labels"]
     labels = parse_label_set(spec)
+    from monai_train.data import Record, splits_from_column
     from monai_train.dicom_folder import is_dicom_folder, read_dicom_folder
+    from monai_train.labelmap import NIH, LabelMap
+
+    label_map = LabelMap.from_file(args.label_map) if args.label_map else NIH
+    if len(args.test_images or []) != len(args.test_labels or []):
+        raise SystemExit("give one --test-labels CSV for each --test-images folder")
 
     datasets = []
     input_report: dict[str, object] = {}
     for folder, csv_path in zip(args.images, args.labels, strict=True):
         if is_dicom_folder(folder):
             # A PACS export: Patient ID and view from the headers, the worker's input gate applied.
-            recs, report = read_dicom_folder(folder, csv_path, labels)
+            recs, report = read_dicom_folder(folder, csv_path, labels, label_map=label_map)
             input_report[str(folder)] = report.as_json()
             print(f"{folder}: {report.accepted} of {report.files} DICOM files in; refused {report.rejected}")
         else:
-            recs = read_records(folder, csv_path, labels)
+            recs = read_records(folder, csv_path, labels, label_map=label_map)
         datasets.append(recs)
     records = combine(datasets)
+    external: list[Record] = []
+    for folder, csv_path in zip(args.test_images or [], args.test_labels or [], strict=True):
+        # External test sets: measured only, never trained or tuned on (checked for patient overlap below).
+        external += read_records(
+            folder, csv_path, labels, source=f"external:{folder.name}", label_map=label_map
+        )
     if args.limit:
         records = records[: args.limit]
-    splits = split_by_patient(records, args.split, args.seed, stratify_by_source=not args.no_stratify)
+    if records and all(r.split for r in records):
+        splits = splits_from_column(records)  # the label file's own split (mapping: split_column)
+        print(f"predefined split: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} images")
+    else:
+        splits = split_by_patient(records, args.split, args.seed, stratify_by_source=not args.no_stratify)
+    if external:
+        splits.test.extend(external)
+        check_no_leakage(splits)
     tc = TrainConfig(
         labels=labels,
         image_size=args.image_size or 224,

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from monai_train.bundle import NIH_LABELS
+from monai_train.labelmap import NIH, LabelMap, LabelMapError
 from worker.imaging import display_from_pil, read_display_file
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Record:
     labels: tuple[int, ...]  # multi-hot, in the order of the label set it was read with
     findings: tuple[str, ...]  # every NIH finding named in the CSV row (for summaries)
     source: str = ""  # which dataset the record came from (for split stratification)
+    split: str = ""  # a predefined split from the label file ('train' / 'val' / 'test'), if any
 
     @property
     def name(self) -> str:
@@ -118,8 +120,10 @@ def read_records(
     *,
     source: str | None = None,
     missing: str = "error",
+    label_map: LabelMap = NIH,
 ) -> list[Record]:
-    """Read one NIH-format CSV; rows whose image is absent raise (``missing="error"``) or are skipped."""
+    """Read one label CSV (NIH's shape, or any through ``label_map``); rows whose image is absent raise
+    (``missing="error"``) or are skipped."""
     if not labels_csv.is_file():
         raise DataError(f"label CSV not found: {labels_csv}")
     if not images.is_dir():
@@ -133,33 +137,38 @@ def read_records(
     with opener(labels_csv, "rt", newline="") as fh:
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or ())
-        need = {IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN}
+        need = label_map.required_columns()
         if not need <= columns:
             raise DataError(f"{labels_csv} lacks columns {sorted(need - columns)}")
         for row in reader:
-            name = row[IMAGE_COLUMN].strip()
-            seen_findings.update(f.strip() for f in row[FINDINGS_COLUMN].split("|") if f.strip())
+            name = row[label_map.image_column].strip()
+            seen_findings.update(label_map.named(row))
             path = _find_image(images, name)
             if path is None:
                 absent.append(name)
                 continue
-            findings = tuple(
-                f.strip() for f in row[FINDINGS_COLUMN].split("|") if f.strip() and f.strip() != NO_FINDING
-            )
+            findings = label_map.findings(row)
+            try:
+                split = label_map.split(row)
+            except LabelMapError as exc:
+                raise DataError(f"{labels_csv}, image {name}: {exc}") from exc
             records.append(
                 Record(
                     image=path,
-                    patient_id=row[PATIENT_COLUMN].strip(),
+                    patient_id=label_map.patient(row),
                     labels=multi_hot(findings, label_set),
                     findings=findings,
                     source=src,
+                    split=split,
                 )
             )
-    unknown = [lb for lb in label_set if lb not in NIH_LABELS and lb not in seen_findings]
+    # NIH's file names its 14 findings by construction; any other mapping must name each label it trains.
+    exempt = set(NIH_LABELS) if label_map == NIH else set()
+    unknown = [lb for lb in label_set if lb not in exempt and lb not in seen_findings]
     if unknown:
         # A label no row names would be an output trained on negatives only: refuse it.
         raise DataError(
-            f"label set names {unknown}: neither NIH findings nor found in {labels_csv} "
+            f"label set names {unknown}: not found in {labels_csv} through its label mapping "
             f"(its findings: {sorted(seen_findings - {NO_FINDING})[:20]})"
         )
     if absent and missing == "error":
@@ -233,6 +242,18 @@ def split_by_patient(
     splits = Splits()
     for rec in records:
         getattr(splits, assignment[rec.patient_id]).append(rec)
+    check_no_leakage(splits)
+    return splits
+
+
+def splits_from_column(records: Sequence[Record]) -> Splits:
+    """The label file's own split (``split_column`` of the mapping), checked for patient leakage."""
+    unset = [r.name for r in records if not r.split]
+    if unset:
+        raise DataError(f"{len(unset)} images have no predefined split (e.g. {unset[:3]})")
+    splits = Splits()
+    for rec in records:
+        getattr(splits, rec.split).append(rec)
     check_no_leakage(splits)
     return splits
 

@@ -21,15 +21,8 @@ from pathlib import Path
 
 import pydicom
 
-from monai_train.data import (
-    FINDINGS_COLUMN,
-    IMAGE_COLUMN,
-    NO_FINDING,
-    PATIENT_COLUMN,
-    DataError,
-    Record,
-    multi_hot,
-)
+from monai_train.data import DataError, Record, multi_hot
+from monai_train.labelmap import NIH, LabelMap, LabelMapError
 from worker.gate import GateRules, check_header
 from worker.imaging import DICOM_SUFFIXES
 
@@ -75,17 +68,17 @@ def is_dicom_folder(folder: Path, probe: int = 50) -> bool:
     return bool(files) and sum(_is_dicom(p) for p in files) > len(files) / 2
 
 
-def _read_labels(labels_csv: Path) -> dict[str, dict[str, str]]:
+def _read_labels(labels_csv: Path, label_map: LabelMap) -> dict[str, dict[str, str]]:
     opener = gzip.open if labels_csv.suffix == ".gz" else open
     with opener(labels_csv, "rt", newline="") as fh:
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or ())
-        need = {IMAGE_COLUMN, FINDINGS_COLUMN}
+        need = label_map.required_columns(patient=False)
         if not need <= columns:
             raise DataError(f"{labels_csv} lacks columns {sorted(need - columns)}")
         rows: dict[str, dict[str, str]] = {}
         for row in reader:
-            name = row[IMAGE_COLUMN].strip()
+            name = row[label_map.image_column].strip()
             rows[name] = row
             rows.setdefault(Path(name).stem, row)
         return rows
@@ -98,11 +91,12 @@ def read_dicom_folder(
     *,
     rules: GateRules | None = None,
     source: str | None = None,
+    label_map: LabelMap = NIH,
 ) -> tuple[list[Record], DicomFolderReport]:
     """Records for the gated DICOM files of ``folder`` (recursively), and what was refused, by reason."""
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}")
-    labels = _read_labels(labels_csv)
+    labels = _read_labels(labels_csv, label_map)
     src = source if source is not None else folder.name
     report = DicomFolderReport()
     rejected: Counter[str] = Counter()
@@ -130,13 +124,15 @@ def read_dicom_folder(
         if row is None:
             reject(NO_LABELS, path)
             continue
-        patient = str(ds.get("PatientID", "") or "").strip() or str(row.get(PATIENT_COLUMN, "") or "").strip()
+        patient = str(ds.get("PatientID", "") or "").strip() or label_map.patient(row)
         if not patient:
             reject(NO_PATIENT_ID, path)
             continue
-        findings = tuple(
-            f.strip() for f in row[FINDINGS_COLUMN].split("|") if f.strip() and f.strip() != NO_FINDING
-        )
+        findings = label_map.findings(row)
+        try:
+            split = label_map.split(row)
+        except LabelMapError as exc:
+            raise DataError(f"{labels_csv}, {path.name}: {exc}") from exc
         views[str(ds.get("ViewPosition", "") or "unknown").strip().upper() or "unknown"] += 1
         records.append(
             Record(
@@ -145,6 +141,7 @@ def read_dicom_folder(
                 labels=multi_hot(findings, label_set),
                 findings=findings,
                 source=src,
+                split=split,
             )
         )
     report.accepted = len(records)
