@@ -831,7 +831,12 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
         labels=tc.labels,
         operating_points=points,
         temperature=temperature,
-        calibration={**calibration.as_metadata(), "fitted_on": {"split": "val", "images": len(val_y)}},
+        calibration={
+            **calibration.as_metadata(),
+            "fitted_on": {"split": "val", "images": len(val_y)},
+            "ece_test_before": metrics["ece_before_calibration"],
+            "ece_test_after": metrics["ece"],
+        },
         metrics=metrics,
         training_data=training_data,
         model_card=model_card(tc, result, summary),
