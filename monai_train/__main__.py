@@ -300,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         help="CSV of reference probabilities (Image Index, prob_<label>) for a side-by-side",
     )
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
+    ev.add_argument(
+        "--versus",
+        type=Path,
+        default=None,
+        help="a second bundle measured on the same images (neither's train/val patients): paired difference",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--threads", type=int, default=0)
@@ -377,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
                 threads=args.threads,
                 bootstrap_samples=args.bootstrap,
                 seed=args.seed,
+                versus=args.versus,
             )
         except EvaluationError as exc:
             raise SystemExit(f"evaluate: {exc}") from exc

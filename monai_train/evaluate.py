@@ -33,7 +33,12 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw
 
 from monai_train.data import Record, combine, load_image, read_records
-from monai_train.metrics import bootstrap_auroc, compute_metrics, write_curves
+from monai_train.metrics import (
+    bootstrap_auroc,
+    compute_metrics,
+    paired_bootstrap_difference,
+    write_curves,
+)
 from monai_train.train import reference_comparison
 from worker.inference.bundle import Bundle, load_bundle
 from worker.inference.predictor import Predictor
@@ -281,6 +286,7 @@ def evaluate(
     threads: int = 0,
     bootstrap_samples: int = 1000,
     seed: int = 0,
+    versus: Path | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (metrics.json) plus ``<stem>_roc.png``, ``<stem>_pr.png`` and
     ``<stem>_predictions.csv`` beside it; with ``heatmaps``, ``<dir>/<image stem>/<finding>.npy``.
@@ -299,6 +305,14 @@ def evaluate(
         read_records(i, c, bundle.labels, missing="skip") for i, c in zip(folders, csvs, strict=True)
     )
     learned = learned_patients(bundle_dir)
+    other = load_bundle(versus) if versus is not None else None
+    if versus is not None:
+        # A comparison is fair only on images neither bundle learned from.
+        theirs = learned_patients(versus)
+        if learned is not None and theirs is not None:
+            learned = ({**theirs[0], **learned[0]}, {**theirs[1], **learned[1]})
+        elif theirs is not None:
+            learned = theirs
     clean, overlap = partition_overlap(records, learned)
     refused: dict[str, Any] = {
         "images": len(overlap),
@@ -366,6 +380,11 @@ def evaluate(
         metrics["reference_comparison"] = reference_comparison(names, y, p, bundle.labels, reference_csv)
     if box_list:
         metrics["localisation"] = score_boxes(box_list, cams, sizes, bundle.labels, box_space)
+    if other is not None and clean:
+        if other.labels != bundle.labels:
+            raise EvaluationError(f"--versus bundle has labels {other.labels}, not {bundle.labels}")
+        op, _, _ = _predict(Predictor(other, threads=threads), other, clean, batch_size, None, set())
+        metrics["versus"] = _versus(clean, y, p, op, other, sizes, samples=bootstrap_samples, seed=seed)
     if allow_overlap and overlap:
         op, ocams, osizes = _predict(predictor, bundle, overlap, batch_size, heatmaps, keep)
         block = _measure(overlap, op, bundle, osizes, samples=bootstrap_samples, seed=seed)
@@ -385,6 +404,37 @@ def evaluate(
         write_curves(y, p, bundle.labels, out.parent, prefix=f"{out.stem}_")
     _write_predictions(out.parent / f"{out.stem}_predictions.csv", names, p, bundle)
     return metrics
+
+
+def _versus(
+    records: Sequence[Record],
+    y: npt.NDArray[np.float32],
+    p: npt.NDArray[np.float32],
+    op: npt.NDArray[np.float32],
+    other: Bundle,
+    sizes: dict[str, tuple[int, int]],
+    *,
+    samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The other bundle on the same images: its figures and the paired difference (this − other)."""
+    patients = [r.patient_id for r in records]
+    out: dict[str, Any] = {
+        "bundle": {"name": other.name, "version": other.version, "sha256": other.sha256},
+        "mean_auroc": compute_metrics(y, op, other.labels)["mean_auroc"],
+        **bootstrap_auroc(y, op, other.labels, patients, samples=samples, seed=seed),
+        **paired_bootstrap_difference(y, p, op, other.labels, patients, samples=samples, seed=seed),
+        "by_resolution": {},
+    }
+    for name in sorted({f"{sizes[r.name][1]}x{sizes[r.name][0]}" for r in records}):
+        idx = [i for i, r in enumerate(records) if f"{sizes[r.name][1]}x{sizes[r.name][0]}" == name]
+        out["by_resolution"][name] = {
+            "n_images": len(idx),
+            **paired_bootstrap_difference(
+                y[idx], p[idx], op[idx], other.labels, [patients[i] for i in idx], samples=samples, seed=seed
+            ),
+        }
+    return out
 
 
 def _write_predictions(path: Path, names: Sequence[str], p: npt.NDArray[np.float32], bundle: Bundle) -> None:
@@ -423,6 +473,12 @@ def summary_line(m: dict[str, Any]) -> str:
             "measured separately ('overlap', not the headline)"
             if refused["measured_separately"]
             else "refused"
+        )
+    vs = m.get("versus")
+    if vs:
+        line += (
+            f"; versus {vs['bundle']['version']}: {vs['mean_auroc']}, difference "
+            f"{vs['mean_auroc_difference']} (95 % CI {_interval(vs['difference_ci95'])})"
         )
     loc = m.get("localisation")
     if loc and loc.get("boxes"):

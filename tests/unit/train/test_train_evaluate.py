@@ -163,3 +163,35 @@ def test_cxr_gateway_evaluate_is_a_top_level_command() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--allow-overlap" in done.stdout and "--boxes" in done.stdout
+
+
+def test_paired_difference_of_two_models_on_the_same_patients() -> None:
+    from monai_train.metrics import paired_bootstrap_difference
+
+    rng = np.random.default_rng(2)
+    y = (rng.random((200, 2)) < 0.3).astype(float)
+    good, noise = y + 0.8 * rng.random((200, 2)), rng.random((200, 2))
+    d = paired_bootstrap_difference(
+        y, good, noise, ("A", "B"), [str(i // 2) for i in range(200)], samples=200
+    )
+    assert d["mean_auroc_difference"] > 0.3 and d["difference_ci95"][0] > 0.2
+    assert d["share_of_resamples_above_zero"] == 1.0
+    same = paired_bootstrap_difference(y, noise, noise, ("A", "B"), samples=50)
+    assert same["mean_auroc_difference"] == 0.0 and same["difference_ci95"] == [0.0, 0.0]
+
+
+def test_versus_measures_both_bundles_on_images_neither_learned_from(
+    trained: TrainResult, tiny_splits: Splits, small_set: Path, tmp_path: Path
+) -> None:
+    names = {r.name for r in tiny_splits.test} | {r.name for r in tiny_splits.train}
+    labels = _labels_for(small_set, names, tmp_path / "labels.csv")
+    m = evaluate(
+        small_set / "images",
+        labels,
+        tmp_path / "v.json",
+        bundle_dir=trained.bundle,
+        versus=trained.bundle,
+        bootstrap_samples=30,
+    )
+    assert m["n_images"] == len(tiny_splits.test) and m["versus"]["mean_auroc_difference"] == 0.0
+    assert "64x64" in m["versus"]["by_resolution"]
