@@ -91,6 +91,12 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         help="nih14, or comma-separated findings (e.g. Pneumothorax or Effusion,Edema)",
     )
     p.add_argument("--version", required=True, help="bundle version string, e.g. 0.2.0-demo")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="training settings JSON (a bundle's configs/train.json) as defaults; flags override it",
+    )
     p.add_argument("--name", default="cxr14_densenet121")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument(
@@ -151,6 +157,22 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
     if finetune:
         p.add_argument("--from", dest="from_bundle", type=Path, required=True, help="bundle to start from")
+
+
+def _config_defaults(path: Path) -> dict[str, object]:
+    """configs/train.json → argparse defaults (the flag names' destinations)."""
+    from monai_train.train import TRAIN_SETTINGS
+
+    raw = json.loads(path.read_text())
+    unknown = sorted(set(raw) - set(TRAIN_SETTINGS))
+    if unknown:
+        raise SystemExit(f"{path}: unknown training settings {unknown} (known: {list(TRAIN_SETTINGS)})")
+    out: dict[str, object] = {k: v for k, v in raw.items() if k not in {"labels", "augment"}}
+    if "labels" in raw:
+        out["label_set"] = ",".join(raw["labels"])
+    if "augment" in raw:
+        out["no_augment"] = not raw["augment"]
+    return out
 
 
 def run_training(args: argparse.Namespace) -> None:
@@ -329,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     onnx = sub.add_parser("export-onnx", help="(re)write models/model.onnx from a bundle's weights")
     onnx.add_argument("--bundle", type=Path, required=True)
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        # configs/train.json (e.g. a shipped bundle's) as defaults; flags given on the command line win.
+        sub_parser = train if args.command == "train" else finetune
+        sub_parser.set_defaults(**_config_defaults(args.config))
+        args = parser.parse_args(argv)
     if args.command == "export-onnx":
         from worker.inference.onnx import export_onnx
 

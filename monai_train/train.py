@@ -703,6 +703,31 @@ def model_card(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) ->
     return "\n".join(lines)
 
 
+# Settings a configs/train.json may hold (and `train --config` reads back); CLI flags override them.
+TRAIN_SETTINGS = (
+    "labels",
+    "image_size",
+    "feature_stride",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "loss",
+    "focal_gamma",
+    "pos_weight_max",
+    "augment",
+    "seed",
+    "operating_point",
+    "name",
+)
+
+
+def train_settings(tc: TrainConfig) -> dict[str, Any]:
+    out = {k: getattr(tc, k) for k in TRAIN_SETTINGS}
+    out["labels"] = list(tc.labels)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -844,6 +869,8 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
     )
     docs = out_dir / "docs"
     (docs / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # The settings that made this bundle (MONAI bundle convention): `train --config` reruns them.
+    (out_dir / "configs" / "train.json").write_text(json.dumps(train_settings(tc), indent=2) + "\n")
     write_curves(test_y, test_p, tc.labels, docs)
     with (docs / SPLITS_FILE).open("w", newline="") as fh:
         # Which patient/image was used for what: fine-tuning from this bundle checks against it.
