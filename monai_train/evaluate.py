@@ -301,9 +301,19 @@ def evaluate(
         raise EvaluationError("give one label CSV for all image folders, or one per folder")
     bundle = load_bundle(bundle_dir)
     # Rows of a larger CSV (e.g. the full NIH file) whose image is not in the folder are skipped.
-    records = combine(
-        read_records(i, c, bundle.labels, missing="skip") for i, c in zip(folders, csvs, strict=True)
-    )
+    from monai_train.dicom_folder import is_dicom_folder, read_dicom_folder
+
+    datasets: list[list[Record]] = []
+    gate_reports: dict[str, Any] = {}
+    for folder, csv_path in zip(folders, csvs, strict=True):
+        if is_dicom_folder(folder):
+            # A PACS export: the worker's gate decides what is measured, as it would in production.
+            recs, report = read_dicom_folder(folder, csv_path, bundle.labels)
+            gate_reports[str(folder)] = report.as_json()
+            datasets.append(recs)
+        else:
+            datasets.append(read_records(folder, csv_path, bundle.labels, missing="skip"))
+    records = combine(datasets)
     learned = learned_patients(bundle_dir)
     other = load_bundle(versus) if versus is not None else None
     if versus is not None:
@@ -363,6 +373,8 @@ def evaluate(
     )
     metrics["overlap_check"] = "docs/splits.csv" if learned is not None else "unavailable"
     metrics["refused"] = refused
+    if gate_reports:
+        metrics["dicom_folders"] = gate_reports
     metrics["bundle"] = {
         "path": str(bundle_dir),
         "name": bundle.name,

@@ -111,3 +111,13 @@ def test_a_folder_with_nothing_gated_in_is_an_error(tmp_path: Path, pacs_export:
     with pytest.raises(DataError, match="passed the gate"):
         read_dicom_folder(only, csv_path, NIH_LABELS)
     assert pydicom.__version__
+
+
+def test_evaluate_on_a_dicom_folder_reports_the_gate(pacs_export: tuple[Path, Path], tmp_path: Path) -> None:
+    from monai_train.evaluate import evaluate
+
+    root, csv_path = pacs_export
+    bundle = Path(__file__).resolve().parents[3] / "worker" / "bundles" / "cxr14_densenet121"
+    m = evaluate(root, csv_path, tmp_path / "m.json", bundle_dir=bundle, bootstrap_samples=20)
+    assert m["dicom_folders"][str(root)]["rejected"]["not_frontal"] == 1
+    assert m["n_images"] + m["refused"]["images"] == m["dicom_folders"][str(root)]["accepted"]
