@@ -23,6 +23,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from service.core.status import ReasonCode
 from service.scp.intake import Intake, Received, StoreStatus
 from service.scp.peers import PeerPolicy
+from service.scp.pynetdicom_compat import discard_received_files
 from service.scp.safelog import log_failure
 
 log = logging.getLogger(__name__)
@@ -157,19 +158,6 @@ def make_store_handler(
     return handle_store
 
 
-def _discard_partial_dataset(assoc: Any) -> None:
-    # An association that dies mid C-STORE leaves pynetdicom's chunked temp file behind.
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    partial = getattr(message, "_data_set_file", None)
-    if partial is None:
-        return
-    try:
-        partial.close()
-        os.unlink(partial.name)
-    except OSError:
-        pass
-
-
 def make_association_end_handler(
     studies: AssociationStudies, touch: Callable[[Collection[int]], None]
 ) -> Callable[[evt.Event], None]:
@@ -177,8 +165,9 @@ def make_association_end_handler(
 
     def handle_end(event: evt.Event) -> None:
         try:
-            if event.event is not evt.EVT_RELEASED:
-                _discard_partial_dataset(event.assoc)
+            # A data set received but never handled (the association ended mid-transfer, or released
+            # or aborted with messages still queued) must not outlive it in the staging folder.
+            discard_received_files(event.assoc)
             study_ids = studies.pop(event.assoc)
             if study_ids:
                 touch(study_ids)

@@ -49,6 +49,9 @@ _ABORT_NOT_SPECIFIED = 0x00
 # Association negotiation PDUs: 128 presentation contexts with a dozen transfer syntaxes each and a
 # user identity are well under this.
 _MAX_NEGOTIATION_PDU = 256 * 1024
+# A peer's Maximum Length below this leaves pynetdicom no room for a PDV fragment (it needs 8 bytes past
+# the PDU and PDV headers): it could answer nothing on the association.
+_MIN_PEER_MAXIMUM = 14
 
 
 class ReceiveBudget:
@@ -119,6 +122,7 @@ class PduInspector:
         self._body_left = 0  # bytes of the current P-DATA-TF body not yet parsed
         self._accepted: set[int] | None = None  # context IDs of our A-ASSOCIATE-AC
         self._sent_buffer = b""
+        self._request = b""  # the body of an A-ASSOCIATE-RQ being received
         # The DIMSE message being received.
         self._command = b""
         self._command_done = False
@@ -141,6 +145,8 @@ class PduInspector:
             take = min(self._left, len(view))
             if self._pdu_type == P_DATA_TF:
                 self._pdata(view[:take])
+            elif self._pdu_type == A_ASSOCIATE_RQ:
+                self._request += bytes(view[:take])  # at most the negotiation limit
             view = view[take:]
             self._left -= take
             if self._left == 0:
@@ -167,6 +173,12 @@ class PduInspector:
     def _end_pdu(self) -> None:
         if self._pdu_type == P_DATA_TF and (self._pdv or self._pdv_left):
             raise Violation(ReasonCode.PROTOCOL_VIOLATION)  # a PDV item overruns its PDU
+        if self._pdu_type == A_ASSOCIATE_RQ:
+            maximum = _requested_maximum_length(self._request)
+            self._request = b""
+            if maximum is not None and 0 < maximum < _MIN_PEER_MAXIMUM:
+                # pynetdicom cannot fragment any answer that small: every response would fail.
+                raise Violation(ReasonCode.PROTOCOL_VIOLATION)
         self.release()
         self._header = b""
 
@@ -280,6 +292,24 @@ def _accepted_contexts(pdu: bytes) -> set[int]:
                 accepted.add(context_id)
         pos += 4 + length
     return accepted
+
+
+def _requested_maximum_length(body: bytes) -> int | None:
+    """The Maximum Length Received in an A-ASSOCIATE-RQ body's user information (PS3.8 D.1), if any."""
+    pos = 68
+    while pos + 4 <= len(body):
+        item_type = body[pos]
+        (length,) = struct.unpack(">H", body[pos + 2 : pos + 4])
+        if item_type == 0x50:
+            sub, end = pos + 4, min(pos + 4 + length, len(body))
+            while sub + 4 <= end:
+                (sub_length,) = struct.unpack(">H", body[sub + 2 : sub + 4])
+                if body[sub] == 0x51 and sub_length == 4 and sub + 8 <= end:
+                    return int(struct.unpack(">L", body[sub + 4 : sub + 8])[0])
+                sub += 4 + sub_length
+            return None
+        pos += 4 + length
+    return None
 
 
 def _command_fields(command: bytes) -> tuple[int, int]:

@@ -199,6 +199,11 @@ def _store_sequences() -> dict[str, list[bytes | str]]:
         "close mid data set": [rq, "ac", store, first_half, "close"],
         "abort before the response": [rq, "ac", store, first_half, last_half, P.abort()],
         "release then abort": [rq, "ac", P.c_echo_rq(), P.release_rq(), P.abort()],
+        # Before: the data set's temp file outlived a release in the middle of it.
+        "release mid data set": [rq, "ac", store, first_half, P.release_rq()],
+        # Before: no answer could be sent (pynetdicom cannot fragment for a 1-byte maximum), the queued
+        # C-STORE was never handled and its temp file stayed.
+        "maximum length 1": [P.associate_rq(max_pdu=1), P.c_echo_rq(), store, first_half, last_half],
         "release twice": [rq, "ac", P.release_rq(), P.release_rq()],
         "associate after release": [rq, "ac", P.release_rq(), rq],
     }
