@@ -7,10 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.core import tasks as names
 from service.core.deliveries import send_ids
+from service.core.jobs import transition
+from service.core.models import Job
+from service.core.queue import enqueue
 from service.core.status import JobStatus, ReasonCode
 from worker.app import app, runtime
 from worker.delivery import deliver, wait_for_database
@@ -22,34 +26,34 @@ log = logging.getLogger(__name__)
 # The database restarting or out of reach: the job is not at fault, run it again once it answers.
 DATABASE_AWAY = (OperationalError, InterfaceError)
 DATABASE_WAIT_SECONDS = 60.0
+# Runs of one job after which a database error is the job's own (a statement that always fails).
+MAX_RUNS = 5
 
 
-@app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True, max_retries=20)
+@app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True)
 def process_study_task(self: Task[Any, Any], job_id: str) -> None:
     try:
         delivery_ids = process_study(job_id, runtime, worker=self.request.hostname)
     except DATABASE_AWAY as exc:
         # Wait here (this worker holds the message, unacknowledged) until the database answers, then send
-        # the task again to run now: no countdown task on the broker. Still away after the wait: the job
-        # stays 'running' under this live worker, and the reconciler's running deadline brings it back.
+        # the job's task again to run now: not Celery's retry, whose default is a 3-minute countdown task.
+        # Still away after the wait: the job stays 'running' under this live worker, and the reconciler's
+        # running deadline brings it back.
         log.warning("job=%s database away (%s); waiting for it", job_id, type(exc).__name__)
         if not wait_for_database(runtime.sessions, DATABASE_WAIT_SECONDS):
             raise
-        raise self.retry(exc=exc) from exc
+        with runtime.sessions() as session:
+            runs = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+        if runs < MAX_RUNS:
+            enqueue(app, names.PROCESS_STUDY, job_id)
+            return
+        log.error("job=%s failed on the database %d times; giving up", job_id, runs)
+        _fail(job_id, exc)
+        return
     except Exception as exc:
         # An unexpected bug fails this job with a code, and the worker takes the next one.
         log.exception("job=%s crashed", job_id)
-        from service.core.jobs import transition
-
-        with runtime.sessions.begin() as session:
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                expected=UNFINISHED,
-                reason_code=ReasonCode.INTERNAL_ERROR,
-                reason_detail=type(exc).__name__,
-            )
+        _fail(job_id, exc)
         return
     # The rows are due now; whatever cannot be sent here (broker away) the listener sends once it can.
     send_ids(runtime.sessions, app, delivery_ids, datetime.now(UTC))
@@ -59,3 +63,15 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
 def deliver_task(self: Task[Any, Any], delivery_id: int, attempt: int | None = None) -> None:
     # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
     deliver(delivery_id, runtime.settings, runtime.sessions, attempt)
+
+
+def _fail(job_id: str, exc: Exception) -> None:
+    with runtime.sessions.begin() as session:
+        transition(
+            session,
+            job_id,
+            JobStatus.FAILED,
+            expected=UNFINISHED,
+            reason_code=ReasonCode.INTERNAL_ERROR,
+            reason_detail=type(exc).__name__,
+        )

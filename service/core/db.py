@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,8 +47,8 @@ def database_now(sessions: sessionmaker[Session]) -> datetime:
     with sessions() as session:
         if session.get_bind().dialect.name == "postgresql":
             value = session.scalar(text("SELECT clock_timestamp()"))
-            if isinstance(value, datetime):
-                return value.astimezone(UTC)
+            if value is not None:
+                return cast(datetime, value).astimezone(UTC)
     return datetime.now(UTC)
 
 

@@ -144,9 +144,7 @@ def test_two_listener_replicas_send_a_due_delivery_once(
 
 
 def test_backoff_doubles_up_to_its_cap(tmp_path: Path) -> None:
-    settings = load_settings(
-        data_dir=tmp_path, delivery_retry_base_seconds=5, delivery_retry_max_seconds=30
-    )
+    settings = load_settings(data_dir=tmp_path, delivery_retry_base_seconds=5, delivery_retry_max_seconds=30)
     assert [retry_delay(settings, n).total_seconds() for n in range(1, 7)] == [5, 10, 20, 30, 30, 30]
 
 
@@ -198,3 +196,34 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
         assert row is not None
         assert (row.status, row.attempts, row.next_attempt_at) == (DeliveryStatus.DEAD_LETTER, 3, None)
     assert published == [] and _messages(settings) == []
+
+
+def test_a_job_whose_database_went_away_is_sent_again_at_once_not_as_a_countdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: Celery's retry with its default 3-minute countdown (the PostgreSQL fault run waited 181 s)."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.tasks
+    from worker.pipeline import Runtime
+
+    settings, sessions, _celery = _setup(tmp_path)
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        s.add(Job(id="j" * 32, study_id=study.id, status=JobStatus.RUNNING, attempts=1))
+    monkeypatch.setattr(worker.tasks, "runtime", Runtime(settings=settings, sessions=sessions))
+
+    def database_restarting(*args: object, **kwargs: object) -> list[int]:
+        raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(worker.tasks, "process_study", database_restarting)
+    published: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    monkeypatch.setattr(Celery, "send_task", lambda self, *a, **kw: published.append((a, kw)))
+    worker.tasks.process_study_task.apply(args=["j" * 32])
+    ((args, kwargs),) = published
+    assert args == ("cxr.process_study",) and kwargs["args"] == ["j" * 32]
+    assert kwargs.get("countdown") is None and kwargs.get("eta") is None
+    with sessions() as s:
+        assert s.get(Job, "j" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]
