@@ -25,6 +25,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	$(BIN)/bandit -c pyproject.toml -r service worker -q
 
 # tests/peers.sh provides the peers first (Debian packages, the venv, a private Redis/PostgreSQL when none
 # answers, the pinned OHIF build), prints one line per peer, then runs lint and pytest against them.

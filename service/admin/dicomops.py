@@ -64,7 +64,8 @@ class Peer:
 def listener_peer(settings: Settings) -> Peer:
     """Our own listener as the dashboard reaches it (loopback when it binds every address)."""
     host = settings.listener_host
-    if host in {"", "0.0.0.0", "::"}:
+    # Recognises a wildcard bind, binds nothing (bandit B104).
+    if host in {"", "0.0.0.0", "::"}:  # nosec B104
         host = "127.0.0.1"
     if settings.listener_plaintext or settings.listener_tls_port is None:
         return Peer(settings.listener_ae_title, host, settings.listener_port)

@@ -141,7 +141,8 @@ class Settings(BaseSettings):
     )
 
     listener_ae_title: str = "CXR_GATEWAY"
-    listener_host: str = "0.0.0.0"
+    # A DICOM listener serves the hospital network: every address by default (bandit B104).
+    listener_host: str = "0.0.0.0"  # nosec B104
     listener_port: int = 11112
     study_quiet_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
     max_associations: int = Field(default=16, ge=1)

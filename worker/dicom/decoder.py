@@ -64,7 +64,7 @@ class _Child:
 
     def __init__(self, memory_bytes: int) -> None:
         env = {**os.environ, **_CHILD_ENV}
-        self.proc = subprocess.Popen(  # nosec B603: our own interpreter and module, no shell
+        self.proc = subprocess.Popen(  # our own interpreter and module, no shell
             [sys.executable, "-m", "worker.dicom.decoder", str(memory_bytes)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
