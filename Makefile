@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: serve test lint pytest unit install bench clean
+.PHONY: serve test lint pytest unit install bench faults clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ pytest: $(VENV)/.installed
 .PHONY: demo
 demo: $(VENV)/.installed
 	VENV='$(VENV)' deploy/demo/run_demo.sh
+
+# The standing fault suite (tests/faults): faults that come together on the deployed set-up, each with
+# its recovery time (docs/benchmarks.md). Minutes; not part of `make test`.
+faults: $(VENV)/.installed
+	@MAKE='$(SUBMAKE)' VENV='$(VENV)' PYTHON='$(PYTHON)' tests/peers.sh $(BIN)/python -m pytest -m faults tests/faults -s $(PYTEST_ARGS)
 
 # The quick benchmarks (minutes); ingest_bench.py and load_fault.py take longer: see docs/benchmarks.md.
 bench: $(VENV)/.installed
