@@ -199,11 +199,16 @@ def _store_sequences() -> dict[str, list[bytes | str]]:
         "close mid data set": [rq, "ac", store, first_half, "close"],
         "abort before the response": [rq, "ac", store, first_half, last_half, P.abort()],
         "release then abort": [rq, "ac", P.c_echo_rq(), P.release_rq(), P.abort()],
-        # Before: the data set's temp file outlived a release in the middle of it.
         "release mid data set": [rq, "ac", store, first_half, P.release_rq()],
-        # Before: no answer could be sent (pynetdicom cannot fragment for a 1-byte maximum), the queued
-        # C-STORE was never handled and its temp file stayed.
-        "maximum length 1": [P.associate_rq(max_pdu=1), P.c_echo_rq(), store, first_half, last_half],
+        # pynetdicom can send no answer to a peer whose maximum is 1 byte (it cannot fragment that small):
+        # the guard refuses the association (no A-ASSOCIATE-AC, so nothing more is sent).
+        "maximum length 1": [
+            P.associate_rq(max_pdu=1),
+            "ac",
+            P.c_echo_rq(),
+            store + P.p_data(P.pdv(1, 0x02, data[:3000])),  # small: complete before the abort
+            P.release_rq(),
+        ],
         "release twice": [rq, "ac", P.release_rq(), P.release_rq()],
         "associate after release": [rq, "ac", P.release_rq(), rq],
     }
@@ -216,17 +221,22 @@ SEQUENCES = _store_sequences()
 def test_protocol_misuse_never_costs_a_thread_or_a_file(listener: Listener, staging: Path, name: str) -> None:
     baseline = threading.active_count()
     with P.RawPeer(listener.settings.listener_port) as peer:
+        types: list[int] = []
         for step in SEQUENCES[name]:
-            if step == "ac":
+            if step == "ac":  # as a real peer: nothing more before the association is accepted
                 got = peer.read_pdu()
-                assert got is not None and got[0] == P.A_ASSOCIATE_AC
+                if got is None:
+                    break
+                types.append(got[0])
+                if got[0] != P.A_ASSOCIATE_AC:
+                    break
             elif step == "close":
                 peer.sock.shutdown(socket.SHUT_WR)
             else:
                 assert isinstance(step, bytes)
                 if not peer.send(step):
                     break
-        types = peer.read_all(timeout=20)  # TimeoutError: the listener left the connection hanging
+        types += peer.read_all(timeout=20)  # TimeoutError: the listener left the connection hanging
     assert set(types) <= ANSWERS, types
     _settled(listener, staging, baseline)
 
@@ -242,3 +252,28 @@ def test_a_guard_violation_is_logged_with_a_reason_and_no_value(
         peer.send(struct.pack(">BBL", P.P_DATA_TF, 0, 64 * MiB))
         assert peer.read_all()[-1:] == [P.A_ABORT]
     assert any("reason=pdu_too_large address=127.0.0.1" in r.getMessage() for r in caplog.records)
+
+
+# Fuzzing-corpus cases (tests/support/fuzz.py, seed 14) that left a data set's temp file behind before:
+# a C-STORE command repeated mid-message, a mutated A-ASSOCIATE-RQ.
+LEAKED_BEFORE = ("42:repeat", "68:repeat", "82:associate")
+
+
+@pytest.mark.parametrize("name", LEAKED_BEFORE)
+def test_fuzz_cases_that_left_temp_files(listener: Listener, staging: Path, name: str) -> None:
+    from tests.support.fuzz import pdu_cases
+
+    case = {c.name: c for c in pdu_cases(14, 100)}[name]
+    baseline = threading.active_count()
+    with P.RawPeer(listener.settings.listener_port) as peer:
+        first, *rest = case.steps
+        types = []
+        if peer.send(first) and (answer := peer.read_pdu()) is not None:
+            types.append(answer[0])
+        for step in rest:
+            if not peer.send(step):
+                break
+        peer.sock.shutdown(socket.SHUT_WR)
+        types += peer.read_all(timeout=20)
+    assert set(types) <= ANSWERS, types
+    _settled(listener, staging, baseline)
