@@ -277,3 +277,51 @@ def test_fuzz_cases_that_left_temp_files(listener: Listener, staging: Path, name
         types += peer.read_all(timeout=20)
     assert set(types) <= ANSWERS, types
     _settled(listener, staging, baseline)
+
+
+def test_an_instance_over_the_byte_limit_is_stopped_mid_transfer(tmp_path: Path, staging: Path) -> None:
+    """Its bytes never all reach the disk: the association is aborted when the data set passes the limit."""
+    data = _data_set()  # 131 KB
+    with running_listener(_settings(tmp_path, max_instance_bytes=64 * 1024)) as listener:
+        baseline = threading.active_count()
+        with P.RawPeer(listener.settings.listener_port) as peer:
+            peer.associate()
+            peer.send(P.c_store_rq("1.2.826.0.1.3680043.9.7.2"))
+            for start in range(0, len(data), 16384):
+                last = start + 16384 >= len(data)
+                if not peer.send(P.p_data(P.pdv(1, 0x02 if last else 0x00, data[start : start + 16384]))):
+                    break
+            assert peer.read_all()[-1:] == [P.A_ABORT]
+        assert not any(listener.settings.spool_dir.rglob("*.dcm"))
+        _settled(listener, staging, baseline)
+
+
+def test_the_guard_holds_on_the_tls_port(tmp_path: Path, staging: Path) -> None:
+    """TLS connections are guarded too (SSLContext.sslsocket_class): an oversized PDU is aborted."""
+    import ssl
+
+    from tests.support.ingest import make_pki
+    from tests.support.net import free_port
+
+    try:
+        pki = make_pki(tmp_path / "pki")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    settings = _settings(
+        tmp_path,
+        listener_tls_port=free_port(),
+        tls_certificate=pki.server_cert,
+        tls_private_key=pki.server_key,
+        tls_ca_certificates=pki.ca_cert,
+    )
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.check_hostname = False
+    with running_listener(settings) as listener:
+        assert settings.listener_tls_port is not None
+        peer = P.RawPeer(settings.listener_tls_port)
+        peer.sock = context.wrap_socket(peer.sock)
+        with peer:
+            peer.associate()
+            peer.send(struct.pack(">BBL", P.P_DATA_TF, 0, 0xFFFFFFFF) + bytes(MiB))
+            assert peer.read_all()[-1:] == [P.A_ABORT]
+        assert _echo_works(listener)
