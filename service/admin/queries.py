@@ -77,6 +77,7 @@ def delivery_out(d: Delivery) -> DeliveryOut:
         last_error=d.last_error,
         created_at=d.created_at,
         delivered_at=d.delivered_at,
+        next_attempt_at=d.next_attempt_at,
         history=[
             DeliveryAttemptOut(
                 started_at=a.started_at,

@@ -40,6 +40,9 @@ class DeliveryOut(BaseModel):
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+    next_attempt_at: datetime | None = Field(
+        default=None, description="when a pending or retrying delivery is due (None once it is final)"
+    )
     history: list[DeliveryAttemptOut] = Field(description="every C-STORE attempt, oldest first")
 
 

@@ -273,8 +273,10 @@ def test_replay_dead_letter(admin: TestClient, done_job: str, settings: Settings
     assert len(dead) == 2
     delivered = admin.get("/api/deliveries", params={"status": "delivered"}).json()[0]
     assert admin.post(f"/api/deliveries/{delivered['id']}/replay").status_code == 409
+    assert dead[0]["next_attempt_at"] is None  # given up: not due any more
     r = admin.post(f"/api/deliveries/{dead[0]['id']}/replay")
     assert r.status_code == 200 and r.json()["status"] == "pending" and r.json()["last_error"] is None
+    assert r.json()["next_attempt_at"] is not None  # due again (now), sent at once
     (message,) = _messages(settings, "delivery")
     assert message["headers"]["task"] == "cxr.deliver"
     assert admin.get("/api/audit").json()["items"][0]["action"] == "replay"
