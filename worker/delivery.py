@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import CursorResult, func, select, text, update
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -31,29 +33,11 @@ def deliver(
     attempt, does nothing. Without it (an older message) the attempt runs if the delivery is due.
     Returns the delivery's new status, or None when this message had nothing to do.
     """
-    now = datetime.now(UTC)
-    with sessions.begin() as session:
-        row = session.get(Delivery, delivery_id)
-        if row is None or row.status not in OPEN_DELIVERY_STATUSES:
-            return None
-        if attempt is None:
-            attempt = row.attempts
-            if row.next_attempt_at is not None and row.next_attempt_at > now:
-                return None
-        claim: CursorResult[object] = session.execute(  # type: ignore[assignment]
-            update(Delivery)
-            .where(
-                Delivery.id == delivery_id,
-                Delivery.attempts == attempt,
-                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
-            )
-            .values(attempts=attempt + 1, next_attempt_at=now + ATTEMPT_LEASE, dispatched_at=None)
-        )
-        if claim.rowcount == 0:
-            log.info("delivery=%d attempt %d already made; message dropped", delivery_id, attempt + 1)
-            return None
-        path = settings.output_dir / row.output_path
-        target = (row.ae_title, row.host, row.port)
+    claimed = _through_restarts(sessions, _claim, sessions, delivery_id, attempt)
+    if claimed is None:
+        return None
+    attempt, output_path, target = claimed
+    path = settings.output_dir / output_path
     attempts = attempt + 1
     started = datetime.now(UTC)
     try:
@@ -68,7 +52,7 @@ def deliver(
             tls_context=client_context(settings) if _uses_tls(settings, target) else None,
         )
     except TransientError as exc:
-        tries = _attempts_since_replay(sessions, delivery_id) + 1
+        tries = _through_restarts(sessions, _attempts_since_replay, sessions, delivery_id) + 1
         if tries > settings.delivery_max_retries:
             _record(sessions, delivery_id, attempts, DeliveryStatus.DEAD_LETTER, str(exc), started)
             log.error(
@@ -92,6 +76,35 @@ def deliver(
     _record(sessions, delivery_id, attempts, DeliveryStatus.DELIVERED, None, started)
     log.info("delivery=%d to ae=%s delivered", delivery_id, target[0])
     return DeliveryStatus.DELIVERED
+
+
+def _claim(
+    sessions: sessionmaker[Session], delivery_id: int, attempt: int | None
+) -> tuple[int, str, tuple[str, str, int]] | None:
+    """Take attempt ``attempt + 1`` of the delivery (compare-and-set on its attempt count); None when this
+    message has nothing to do. Returns the count claimed from, the output's path and the destination."""
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        row = session.get(Delivery, delivery_id)
+        if row is None or row.status not in OPEN_DELIVERY_STATUSES:
+            return None
+        if attempt is None:
+            attempt = row.attempts
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                return None
+        claim: CursorResult[object] = session.execute(  # type: ignore[assignment]
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.attempts == attempt,
+                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
+            )
+            .values(attempts=attempt + 1, next_attempt_at=now + ATTEMPT_LEASE, dispatched_at=None)
+        )
+        if claim.rowcount == 0:
+            log.info("delivery=%d attempt %d already made; message dropped", delivery_id, attempt + 1)
+            return None
+        return attempt, row.output_path, (row.ae_title, row.host, row.port)
 
 
 def _attempts_since_replay(sessions: sessionmaker[Session], delivery_id: int) -> int:
@@ -131,21 +144,24 @@ def _record(
 
     A C-STORE that got through is recorded whatever happened meanwhile: the PACS has the object.
     """
-    for _ in range(_RECORD_TRIES):
+    # The C-STORE's outcome must not be lost to a database restart: a delivered object left unrecorded
+    # would be sent again once its lease runs out.
+    _through_restarts(sessions, _write_outcome, sessions, delivery_id, attempts, status, error, started, due)
+
+
+_DATABASE_TRIES = 30
+T = TypeVar("T")
+
+
+def _through_restarts(sessions: sessionmaker[Session], fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, tried again (for about a minute) while the database is away (a restart, a fail-over)."""
+    for _ in range(_DATABASE_TRIES):
         try:
-            _write_outcome(sessions, delivery_id, attempts, status, error, started, due)
-            return
+            return fn(*args)
         except (OperationalError, InterfaceError) as exc:
-            # The C-STORE's outcome must not be lost to a database restart: a delivered object left
-            # unrecorded would be sent again once its lease runs out.
-            log.warning(
-                "delivery=%d outcome not recorded yet (%s); retrying", delivery_id, type(exc).__name__
-            )
+            log.warning("database away (%s) in %s; waiting for it", type(exc).__name__, fn.__name__)
             wait_for_database(sessions, 2.0)
-    _write_outcome(sessions, delivery_id, attempts, status, error, started, due)
-
-
-_RECORD_TRIES = 30
+    return fn(*args)
 
 
 def wait_for_database(sessions: sessionmaker[Session], seconds: float) -> bool:

@@ -55,8 +55,12 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
         log.exception("job=%s crashed", job_id)
         _fail(job_id, exc)
         return
-    # The rows are due now; whatever cannot be sent here (broker away) the listener sends once it can.
-    send_ids(runtime.sessions, app, delivery_ids, datetime.now(UTC))
+    # The rows are due now; whatever cannot be sent here (broker or database away) the listener's
+    # scheduler sends once it can.
+    try:
+        send_ids(runtime.sessions, app, delivery_ids, datetime.now(UTC))
+    except DATABASE_AWAY as exc:
+        log.warning("job=%s deliveries left to the listener (database away: %s)", job_id, type(exc).__name__)
 
 
 @app.task(name=names.DELIVER, bind=True, acks_late=True)

@@ -227,3 +227,35 @@ def test_a_job_whose_database_went_away_is_sent_again_at_once_not_as_a_countdown
     assert kwargs.get("countdown") is None and kwargs.get("eta") is None
     with sessions() as s:
         assert s.get(Job, "j" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_an_attempt_whose_database_restarts_waits_for_it_instead_of_losing_the_message(
+    tmp_path: Path, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the claim's OperationalError failed the task, and the delivery waited a reconcile interval
+    for its message to be sent again (the PostgreSQL fault run took 41.8 s instead of 9.9 s)."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.delivery
+
+    settings, sessions, _celery = _setup(tmp_path, sender_ae_title="CXR_GATEWAY")
+    _output(settings, shared_dir)
+    delivery_id = _delivery(
+        sessions, port=free_port(), status=DeliveryStatus.PENDING, next_attempt_at=datetime.now(UTC)
+    )
+    real_claim = worker.delivery._claim
+    calls = 0
+
+    def restarting_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OperationalError("UPDATE deliveries", {}, Exception("terminating connection"))
+        return real_claim(*args)
+
+    monkeypatch.setattr(worker.delivery, "_claim", restarting_once)
+    assert worker.delivery.deliver(delivery_id, settings, sessions, 0) == DeliveryStatus.RETRYING
+    with sessions() as s:
+        row = s.get(Delivery, delivery_id)
+        assert row is not None and (row.status, row.attempts) == (DeliveryStatus.RETRYING, 1)
+    assert calls == 2
