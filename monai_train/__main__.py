@@ -113,6 +113,11 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
             default=32,
             help="input pixels per heatmap cell: 32 (DenseNet-121), 16 or 8 (transitions without pooling)",
         )
+        p.add_argument(
+            "--histogram-equalise",
+            action="store_true",
+            help="equalise each image's histogram in the bundle's preprocessing (the worker applies it too)",
+        )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="one-cycle peak learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -228,6 +233,7 @@ def run_training(args: argparse.Namespace) -> None:
         labels=labels,
         image_size=args.image_size or 224,
         feature_stride=getattr(args, "feature_stride", 32),
+        histogram_equalise=getattr(args, "histogram_equalise", False),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -46,14 +46,29 @@ INFERENCE_TEMPLATE: dict[str, Any] = {
 FEATURE_STRIDES = {32: (), 16: (3,), 8: (2, 3)}  # input pixels per CAM cell → pool-free transitions
 
 
-def inference_config(num_classes: int, image_size: int = 224, feature_stride: int = 32) -> dict[str, Any]:
+HISTOGRAM_EQUALISATION = {
+    "_target_": "monai.transforms.HistogramNormalize",
+    "num_bins": 256,
+    "min": 0,
+    "max": 1,
+}
+
+
+def inference_config(
+    num_classes: int, image_size: int = 224, feature_stride: int = 32, histogram_equalise: bool = False
+) -> dict[str, Any]:
     """The bundle's inference config; ``feature_stride`` < 32 keeps DenseNet-121's last transitions
-    pool-free (`worker.inference.networks.DenseNet121Fine`) for finer class-activation maps."""
+    pool-free (`worker.inference.networks.DenseNet121Fine`) for finer class-activation maps;
+    ``histogram_equalise`` equalises each display image's histogram (MONAI ``HistogramNormalize``) before
+    the resize — in the bundle's preprocessing, so the worker applies it too."""
     if feature_stride not in FEATURE_STRIDES:
         raise ValueError(f"feature stride must be one of {sorted(FEATURE_STRIDES)}, got {feature_stride}")
     cfg = copy.deepcopy(INFERENCE_TEMPLATE)
     cfg["num_classes"] = num_classes
     cfg["image_size"] = image_size
+    if histogram_equalise:
+        transforms = cfg["preprocessing"]["transforms"]
+        transforms.insert(1, copy.deepcopy(HISTOGRAM_EQUALISATION))
     if feature_stride != 32:
         cfg["network_def"] = {
             **cfg["network_def"],

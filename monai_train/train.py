@@ -62,6 +62,7 @@ class TrainConfig:
     labels: tuple[str, ...] = NIH_LABELS
     image_size: int = 224
     feature_stride: int = 32  # 8: 16 × 16 CAM cells at 128² (worker.inference.networks.DenseNet121Fine)
+    histogram_equalise: bool = False  # per-image histogram equalisation in the bundle's preprocessing
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-3  # one-cycle peak
@@ -329,6 +330,7 @@ _RUN_SETTINGS = (
     "labels",
     "image_size",
     "feature_stride",
+    "histogram_equalise",
     "epochs",
     "batch_size",
     "lr",
@@ -649,7 +651,8 @@ def model_card(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) ->
         f"- Training data: {tr['images']} images of {tr['patients']} patients (validation {va['images']} / "
         f"{va['patients']}, held-out test {te['images']} / {te['patients']}), split by patient with seed "
         f"{tc.seed}; training images per source {tr['sources']}.",
-        f"- Input: resize to {tc.image_size} × {tc.image_size} (area), (x − 0.5) / 0.25 on display values in "
+        f"- Input: {'histogram equalisation, then ' if tc.histogram_equalise else ''}resize to "
+        f"{tc.image_size} × {tc.image_size} (area), (x − 0.5) / 0.25 on display values in "
         "[0, 1] — `configs/inference.json`, the same definition the worker runs.",
         f"- Training: {tc.epochs} epochs, batch {tc.batch_size}, AdamW (weight decay {tc.weight_decay}), "
         f"one-cycle LR peak {tc.lr}, loss {tc.loss} with pos_weight = neg/pos clipped to "
@@ -708,6 +711,7 @@ TRAIN_SETTINGS = (
     "labels",
     "image_size",
     "feature_stride",
+    "histogram_equalise",
     "epochs",
     "batch_size",
     "lr",
@@ -744,7 +748,7 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
         log.info("fine-tuning from %s; output neurons kept for %s", tc.init_from, shared or "no label")
     else:
         torch.manual_seed(tc.seed)
-        cfg = inference_config(len(tc.labels), tc.image_size, tc.feature_stride)
+        cfg = inference_config(len(tc.labels), tc.image_size, tc.feature_stride, tc.histogram_equalise)
         net = build_network(cfg)
         shared = []
     if tc.checkpoint_dir is None:

@@ -50,3 +50,16 @@ def test_a_fine_bundle_runs_in_the_worker(tmp_path: Path) -> None:
     )
     pred = Predictor(load_bundle(tmp_path / "b"), threads=1).predict([np.full((200, 180), 0.5, np.float32)])
     assert pred.cams.shape == (1, 14, 8, 8) and pred.probabilities.shape == (1, 14)
+
+
+def test_histogram_equalisation_is_part_of_the_bundle_preprocessing(tmp_path: Path) -> None:
+    from monai_train.bundle import build_preprocessing
+
+    cfg = inference_config(len(NIH_LABELS), 32, histogram_equalise=True)
+    targets = [t["_target_"] for t in cfg["preprocessing"]["transforms"]]
+    assert targets[1] == "monai.transforms.HistogramNormalize"
+    dark = np.random.default_rng(0).random((100, 90)).astype(np.float32) ** 4  # mostly dark
+    out = np.asarray(build_preprocessing(cfg)(dark)) * 0.25 + 0.5  # undo (x - 0.5) / 0.25
+    plain = np.asarray(build_preprocessing(inference_config(len(NIH_LABELS), 32))(dark)) * 0.25 + 0.5
+    # Spread over the range: much nearer mid-grey on average than the dark original.
+    assert abs(float(out.mean()) - 0.5) < abs(float(plain.mean()) - 0.5) - 0.1
