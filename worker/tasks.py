@@ -51,6 +51,13 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
         _fail(job_id, exc)
         return
     except Exception as exc:
+        stop = _stop_inside(exc)
+        if stop is not None:
+            # The pool process was told to stop (a cold shutdown's hand-back) while a library wrapped the
+            # SystemExit (monai's network lookup turns it into pydoc's ErrorDuringImport): not the job's
+            # fault, so no 'failed'. The unacknowledged message goes back to the broker for another worker.
+            log.warning("job=%s interrupted by a stop; handed back", job_id)
+            raise stop from exc
         # An unexpected bug fails this job with a code, and the worker takes the next one.
         log.exception("job=%s crashed", job_id)
         _fail(job_id, exc)
@@ -67,6 +74,18 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
 def deliver_task(self: Task[Any, Any], delivery_id: int, attempt: int | None = None) -> None:
     # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
     deliver(delivery_id, runtime.settings, runtime.sessions, attempt)
+
+
+def _stop_inside(exc: BaseException) -> BaseException | None:
+    """A SystemExit or KeyboardInterrupt among the exceptions that led to ``exc``, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (SystemExit, KeyboardInterrupt)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _fail(job_id: str, exc: Exception) -> None:

@@ -133,3 +133,39 @@ def test_a_worker_that_loses_its_broker_for_good_exits_non_zero_and_is_not_marke
 def _rows(sessions: sessionmaker[Session]) -> list[Worker]:
     with sessions() as s:
         return list(s.scalars(select(Worker)))
+
+
+def test_a_stop_that_interrupts_a_job_hands_it_back_instead_of_failing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold shutdown's SystemExit reached a pool process while monai looked up the network class, which
+    wraps it (pydoc's ErrorDuringImport): the job was failed as a crash instead of going back to the
+    broker (seen once in test_shutdown's hand-back test)."""
+    import pydoc
+
+    import worker.tasks
+    from service.core.models import Job, Study
+    from service.core.status import JobStatus
+    from worker.pipeline import Runtime
+
+    settings = load_settings(data_dir=tmp_path)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        s.add(Job(id="j" * 32, study_id=study.id, status=JobStatus.RUNNING, attempts=1))
+    monkeypatch.setattr(worker.tasks, "runtime", Runtime(settings=settings, sessions=sessions))
+
+    def stopped_during_model_load(*args: object, **kwargs: object) -> list[int]:
+        try:
+            raise SystemExit(-241)  # billiard's cold-shutdown handler in the pool process
+        except SystemExit:
+            raise pydoc.ErrorDuringImport("monai.networks.nets.DenseNet121", sys.exc_info()) from None
+
+    monkeypatch.setattr(worker.tasks, "process_study", stopped_during_model_load)
+    with pytest.raises(SystemExit):
+        worker.tasks.process_study_task.run("j" * 32)
+    with sessions() as s:
+        assert s.get(Job, "j" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]
