@@ -50,7 +50,7 @@ from highdicom.pr import (
 from pydicom.multival import MultiValue
 
 from worker.dicom.codes import AI_DISCLAIMER, FINDING_CODES, display_name, value_name
-from worker.dicom.source import require_analysed
+from worker.dicom.source import fill_empty_type2, require_analysed
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
@@ -91,18 +91,6 @@ _CORNER_RIGHT = 0.75
 _CORNER_BOTTOM = 0.99
 _CORNER_LINE = 0.035
 _MAX_CORNER_LINES = 20
-# Patient/study attributes highdicom reads unconditionally; received objects do not always have them.
-_EMPTY_TYPE2 = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 _VOI_KEYWORDS = (
     "WindowCenter",
     "WindowWidth",
@@ -142,9 +130,7 @@ def build_findings_gsps(
     by_label = _check_findings(findings)
     _check_regions(regions, by_label, rows, columns)
 
-    for keyword in _EMPTY_TYPE2:
-        if keyword not in header:
-            setattr(header, keyword, "")
+    fill_empty_type2(header)
     # highdicom reads the referenced image's pixel module. An absent (or invalid, so left out) value
     # means the default that _check_source and the pixel reader applied: one grey sample per pixel.
     if "SamplesPerPixel" not in header:

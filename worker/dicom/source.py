@@ -36,6 +36,7 @@ __all__ = [
     "IDENTITY",
     "SourceHeaderError",
     "clean_element",
+    "fill_empty_type2",
     "require_analysed",
     "source_header",
 ]
@@ -226,6 +227,29 @@ def source_header(ds: pydicom.Dataset) -> pydicom.Dataset:
     if context.encodings is None and "SpecificCharacterSet" in header:
         del header.SpecificCharacterSet  # it named no character set we know: the default applies
         _note("SpecificCharacterSet", ReasonCode.SOURCE_ATTRIBUTE_DROPPED)
+    return header
+
+
+# Patient/study attributes highdicom reads unconditionally (Type 2 in every output); received objects do not
+# always carry them, and an invalid one was left out of the header.
+_EMPTY_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def fill_empty_type2(header: pydicom.Dataset) -> pydicom.Dataset:
+    """``header`` with the Type 2 patient/study attributes it lacks, empty (as DICOM says: unknown)."""
+    for keyword in _EMPTY_TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
     return header
 
 

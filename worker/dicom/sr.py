@@ -79,7 +79,7 @@ from worker.dicom.codes import (
     finding_code,
     value_concept,
 )
-from worker.dicom.source import require_analysed, source_header
+from worker.dicom.source import fill_empty_type2, require_analysed, source_header
 from worker.dicom.uids import derive_uid
 from worker.regions import Region
 
@@ -96,17 +96,6 @@ __all__ = [
 
 _LO_MAX = 64  # VR LO, e.g. Series Description
 _UT_SAFE = 1024  # keep TEXT items short; UT allows far more but viewers truncate
-_EMPTY_TYPE2 = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 _CAD_SUMMARY = CodedConcept.from_code(codes.DCM.CADProcessingAndFindingsSummary)  # DCM 111017
 _ALL_SUCCEEDED_WITH_FINDINGS = CodedConcept.from_code(codes.DCM.AllAlgorithmsSucceededWithFindings)
 _ALL_SUCCEEDED_WITHOUT_FINDINGS = CodedConcept.from_code(codes.DCM.AllAlgorithmsSucceededWithoutFindings)
@@ -669,17 +658,11 @@ def _evidence(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
 
     highdicom reads these attributes unconditionally; received objects do not always carry them.
     """
-    copies: list[pydicom.Dataset] = []
     headers = [source_header(ds) for ds in sources]  # SourceHeaderError (a ValueError): invalid UID
     studies = {str(header.StudyInstanceUID) for header in headers}
     if len(studies) != 1:
         raise ValueError(f"sources must belong to exactly one study, got {len(studies)}")
-    for header in headers:
-        for keyword in _EMPTY_TYPE2:
-            if keyword not in header:
-                setattr(header, keyword, "")
-        copies.append(header)
-    return copies
+    return [fill_empty_type2(header) for header in headers]
 
 
 def _is_image(ds: pydicom.Dataset) -> bool:
