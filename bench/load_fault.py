@@ -30,10 +30,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -41,38 +37,9 @@ sys.path.insert(0, str(REPO))
 from tests.support.dcmtk import storescu  # noqa: E402
 from tests.support.net import free_port, port_open  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.site import OUTPUTS_PER_STUDY, make_studies  # noqa: E402
 
-SHARED = REPO.parent / "shared"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-# One-image studies with the default outputs: measurement SR, results SR and heatmap SC.
-OUTPUTS_PER_STUDY = 3
-
-
-def make_studies(n: int, out: Path, side: int) -> list[Path]:
-    pngs = sorted((SHARED / "data/nih-cxr14-64px/images").glob("*.png"))
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        img = Image.open(pngs[i % len(pngs)]).convert("L").resize((side, side), Image.Resampling.BILINEAR)
-        pixels = (np.asarray(img, dtype=np.uint16) * 16).astype(np.uint16)  # 12-bit range
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.PatientName, ds.PatientID = f"LOAD^{i:05d}", f"LOAD{i:05d}"
-        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20260101", "120000", f"A{i:05d}"
-        ds.SeriesNumber, ds.InstanceNumber = 1, 1
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.tobytes()
-        path = out / f"study-{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
 
 
 class Proc:
@@ -139,7 +106,7 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir()
     print(f"work dir {work}")
-    files = make_studies(args.studies, work / "in", args.side)
+    files = make_studies(args.studies, work / "in", side=args.side, tag="LOAD")
 
     redis_port = free_port()
     redis_dir = work / "redis"

@@ -19,7 +19,8 @@ from service.core.models import Delivery, Job
 from service.core.settings import Destination, load_settings
 from service.core.status import JobStatus, ReasonCode
 from tests.support.dciodvfy import dciodvfy_errors
-from tests.support.hostile import chest_cr, enqueue_files, save, with_bomb
+from tests.support.hostile import chest_cr, save, with_bomb
+from tests.support.studies import enqueue_files
 from worker.pipeline import Runtime, process_study
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,11 +11,11 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from service.core.db import make_session_factory, migrate
-from service.core.models import Delivery, Instance, Job, JobEvent, Study
-from service.core.settings import Destination, Settings, load_settings
+from service.core.models import Delivery, Job, JobEvent
+from service.core.settings import Destination, load_settings
 from service.core.status import JobStatus, ReasonCode
-from service.scp import spool
 from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.studies import enqueue_files
 from worker.pipeline import Runtime, process_study
 
 
@@ -32,38 +30,8 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
     rt.close()  # the decoder processes
 
 
-def _enqueue_files(rt: Runtime, files: list[Path]) -> str:
-    settings: Settings = rt.settings
-    first = dcmread(files[0], stop_before_pixels=True)
-    with rt.sessions.begin() as s:
-        study = Study(study_instance_uid=str(first.StudyInstanceUID))
-        s.add(study)
-        s.flush()
-        for path in files:
-            ds = dcmread(path, stop_before_pixels=True)
-            rel = spool.relative_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
-            (settings.spool_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, settings.spool_dir / rel)
-            s.add(
-                Instance(
-                    study_id=study.id,
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                    spool_path=str(rel),
-                    size_bytes=path.stat().st_size,
-                    sha256="x",
-                    calling_ae_title="TEST",
-                )
-            )
-        job = Job(study_id=study.id, status=JobStatus.QUEUED, queued_at=datetime.now(UTC))
-        s.add(job)
-        s.flush()
-        return job.id
-
-
 def test_chest_study_gives_reports_sc_and_deliveries(runtime: Runtime, shared_dir: Path) -> None:
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     delivery_ids = process_study(job_id, runtime)
     assert len(delivery_ids) == 3  # measurement SR + results SR + SC to one destination
     with runtime.sessions() as s:
@@ -100,7 +68,7 @@ def test_chest_study_gives_reports_sc_and_deliveries(runtime: Runtime, shared_di
 def test_non_chest_study_is_skipped_with_a_reason_and_a_not_analysed_sr(
     runtime: Runtime, shared_dir: Path, name: str, reason: ReasonCode
 ) -> None:
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/not-chest" / name])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/not-chest" / name])
     delivery_ids = process_study(job_id, runtime)
     assert len(delivery_ids) == 1
     with runtime.sessions() as s:
@@ -117,7 +85,7 @@ def test_non_chest_study_is_skipped_with_a_reason_and_a_not_analysed_sr(
 
 def test_a_redelivered_task_reuses_its_delivery_rows(runtime: Runtime, shared_dir: Path) -> None:
     """A worker killed after writing outputs: the task runs again and must not duplicate deliveries."""
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
     first = process_study(job_id, runtime)
     with runtime.sessions.begin() as s:
         # Pretend the worker died just before marking the job done.
@@ -131,7 +99,7 @@ def test_a_redelivered_task_reuses_its_delivery_rows(runtime: Runtime, shared_di
 
 def test_a_finished_job_hands_back_its_undelivered_outputs(runtime: Runtime, shared_dir: Path) -> None:
     """The broker was away when deliveries were enqueued: the retried task must not lose them."""
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
     first = process_study(job_id, runtime)
     with runtime.sessions.begin() as s:
         s.get(Delivery, first[0]).status = "delivered"  # type: ignore[union-attr]
@@ -145,7 +113,7 @@ def test_a_decode_over_the_time_limit_is_killed_recorded_not_fatal(
     import time as _time
 
     runtime.settings.decode_timeout_seconds = 0.05
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     t0 = _time.monotonic()
     process_study(job_id, runtime)
     assert _time.monotonic() - t0 < 30  # the decoder's start-up, not the decode
@@ -174,7 +142,7 @@ def test_studies_run_as_threads_share_forward_passes(tmp_path: Path, shared_dir:
     )
     migrate(settings)
     rt = Runtime(settings=settings, sessions=make_session_factory(settings))
-    job_ids = [_enqueue_files(rt, [f]) for f in files]
+    job_ids = [enqueue_files(rt, [f]) for f in files]
     rt.predictor  # noqa: B018  (load once, before the race)
     start = threading.Barrier(len(job_ids))
 
@@ -208,7 +176,7 @@ def test_the_decode_limit_holds_in_a_thread_pool_worker(runtime: Runtime, shared
     import time as _time
 
     runtime.settings.decode_timeout_seconds = 0.05
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     worker_thread = threading.Thread(target=lambda: process_study(job_id, runtime))
     t0 = _time.monotonic()
     worker_thread.start()
@@ -227,7 +195,7 @@ def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_
 
     import worker.pipeline as pipeline
 
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     both_analysed = threading.Barrier(2, timeout=120)
     real_analyse = pipeline._analyse
 
@@ -271,7 +239,7 @@ def test_a_failure_never_overwrites_a_result_another_run_recorded(runtime: Runti
     from service.core.jobs import transition
     from worker.errors import PermanentError
 
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     real_analyse = pipeline._analyse
 
     def other_run_finishes_first(*args: object, **kwargs: object) -> object:
@@ -298,7 +266,7 @@ def test_each_destination_gets_the_outputs_it_asks_for(tmp_path: Path, shared_di
     )
     migrate(settings)
     rt = Runtime(settings=settings, sessions=make_session_factory(settings))
-    job_id = _enqueue_files(rt, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    job_id = enqueue_files(rt, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
     process_study(job_id, rt)
     with rt.sessions() as s:
         rows = s.scalars(select(Delivery)).all()
@@ -323,7 +291,7 @@ def test_a_region_that_cannot_be_built_costs_only_the_region(
     predictor = runtime.predictor
     points = dict.fromkeys(predictor.bundle.labels, 0.0)
     monkeypatch.setattr(predictor, "bundle", dataclasses.replace(predictor.bundle, operating_points=points))
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
     assert len(process_study(job_id, runtime)) == 3
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
@@ -348,7 +316,7 @@ def test_an_output_that_cannot_be_built_costs_only_that_output(
         raise KeyError("builder bug")
 
     monkeypatch.setattr(pipeline, "build_heatmap_sc", broken)
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
     assert len(process_study(job_id, runtime)) == 2  # both reports still go to the PACS
     with runtime.sessions() as s:
         job = s.get(Job, job_id)
@@ -364,7 +332,7 @@ def test_an_output_that_cannot_be_built_costs_only_that_output(
     # Nothing at all could be built: the job fails with the reason, as before.
     for name in ("build_findings_sr", "build_results_sr"):
         monkeypatch.setattr(pipeline, name, broken)
-    job_id = _enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-explicit-le.dcm"])
+    job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-explicit-le.dcm"])
     assert process_study(job_id, runtime) == []
     with runtime.sessions() as s:
         job = s.get(Job, job_id)

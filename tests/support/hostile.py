@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -98,41 +96,3 @@ def save(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def enqueue_files(rt: Any, files: list[Path]) -> str:
-    """Spool ``files`` as one study for a worker ``Runtime`` (as the listener would) and queue its job."""
-    from datetime import UTC, datetime
-
-    from pydicom import dcmread
-
-    from service.core.models import Instance, Job, Study
-    from service.core.status import JobStatus
-    from service.scp import spool
-
-    first = dcmread(files[0], stop_before_pixels=True)
-    with rt.sessions.begin() as s:
-        study = Study(study_instance_uid=str(first.StudyInstanceUID))
-        s.add(study)
-        s.flush()
-        for path in files:
-            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            rel = spool.relative_path(str(first.StudyInstanceUID), uid)
-            (rt.settings.spool_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, rt.settings.spool_dir / rel)
-            s.add(
-                Instance(
-                    study_id=study.id,
-                    sop_instance_uid=uid,
-                    sop_class_uid=str(first.SOPClassUID),
-                    transfer_syntax_uid=str(first.file_meta.TransferSyntaxUID),
-                    spool_path=str(rel),
-                    size_bytes=path.stat().st_size,
-                    sha256="x",
-                    calling_ae_title="TEST",
-                )
-            )
-        job = Job(study_id=study.id, status=JobStatus.QUEUED, queued_at=datetime.now(UTC))
-        s.add(job)
-        s.flush()
-        return str(job.id)
