@@ -13,12 +13,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.deliveries import ATTEMPT_LEASE, retry_delay
+from service.core.errors import PermanentError, TransientError
 from service.core.models import Delivery, DeliveryAttempt
 from service.core.settings import Settings
 from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, ReasonCode
 from service.core.tls import client_context
-from worker.dicom.scu import c_store
-from worker.errors import PermanentError, TransientError
+from service.dicomnet.scu import c_store
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.errors import PermanentError
 from service.core.jobs import record_event, transition
 from service.core.models import Delivery, Instance, Job
 from service.core.settings import Destination, Settings
@@ -37,7 +38,6 @@ from worker.dicom.sr import (
     build_results_sr,
 )
 from worker.dicom.uids import derive_uid
-from worker.errors import PermanentError
 from worker.inference.batcher import BatchingPredictor
 from worker.inference.bundle import Bundle, load_bundle
 from worker.inference.predictor import Prediction, Predictor

@@ -11,7 +11,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.admin import dicomops
+from service.admin import uploads
 from service.admin.auth import Principal
 from service.admin.schemas import EchoOut, PeerOut, UploadOut
 from service.core import tasks
@@ -21,6 +21,8 @@ from service.core.models import AuditEntry, Delivery, Job, JobEvent, Study
 from service.core.queue import enqueue
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
+from service.core.tls import client_context
+from service.dicomnet import scu
 
 log = logging.getLogger("cxr_gateway.admin")
 
@@ -185,7 +187,7 @@ def audit_page(session: Session, limit: int, offset: int) -> tuple[int, list[Aud
 
 
 def peers(settings: Settings) -> list[PeerOut]:
-    me = dicomops.listener_peer(settings)
+    me = scu.listener_peer(settings)
     out = [
         PeerOut(
             target="listener", role="listener", ae_title=me.ae_title, host=me.host, port=me.port, tls=me.tls
@@ -212,14 +214,16 @@ def peers(settings: Settings) -> list[PeerOut]:
 def echo(settings: Settings, target: str) -> EchoOut:
     """C-ECHO the listener or a destination (sources are callers, not SCPs: nothing to echo)."""
     if target == "listener":
-        peer = dicomops.listener_peer(settings)
+        peer = scu.listener_peer(settings)
     else:
         kind, _, index = target.partition(":")
         if kind != "destination" or not index.isdigit() or int(index) >= len(settings.destinations):
             raise ActionError(404, "no such peer to echo")
         d = settings.destinations[int(index)]
-        peer = dicomops.Peer(d.ae_title, d.host, d.port, d.tls)
-    result = dicomops.echo(settings, peer)
+        peer = scu.Peer(d.ae_title, d.host, d.port, d.tls)
+    result = scu.echo(
+        peer, calling_ae_title=settings.dashboard_ae_title, tls=lambda: client_context(settings)
+    )
     return EchoOut(target=target, ok=result.ok, detail=result.detail, elapsed_ms=result.elapsed_ms)
 
 
@@ -235,15 +239,15 @@ def upload(
 ) -> UploadOut:
     """C-STORE the file to our own listener, like a modality would; returns where its study shows up."""
     try:
-        ds = dicomops.read_upload(data, filename, settings, fresh_uids=fresh_uids)
-    except dicomops.UploadError as exc:
+        ds = uploads.read_upload(data, filename, settings, fresh_uids=fresh_uids)
+    except uploads.UploadError as exc:
         raise ActionError(422, str(exc)) from exc
     kind: Literal["dicom", "image"] = (
-        "image" if ds.get("StudyDescription") == dicomops.UPLOAD_MARK else "dicom"
+        "image" if ds.get("StudyDescription") == uploads.UPLOAD_MARK else "dicom"
     )
     try:
-        dicomops.store_to_listener(settings, ds)
-    except dicomops.UploadError as exc:
+        uploads.store_to_listener(settings, ds)
+    except uploads.UploadError as exc:
         raise ActionError(502, str(exc)) from exc
     study_uid = str(ds.StudyInstanceUID)
     study_id: int | None = None

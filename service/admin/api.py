@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from service.admin import actions, dicomops, health
+from service.admin import actions, health, previews
 from service.admin.auth import Principal
 from service.admin.deps import DB, Admin, Client, Context, Ctx, User
 from service.admin.queries import (
@@ -115,7 +115,7 @@ def api_heatmap(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
     paths = heatmap_paths(job, ctx.settings.output_dir)
     if not 0 <= n < len(paths) or not paths[n].is_file():
         raise HTTPException(status_code=404, detail="no such heatmap")
-    return Response(content=dicomops.heatmap_png(Path(paths[n])), media_type="image/png")
+    return Response(content=previews.heatmap_png(Path(paths[n])), media_type="image/png")
 
 
 @router.get(
@@ -135,8 +135,8 @@ def api_source_image(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
         raise HTTPException(status_code=404, detail="no such source image")
     path, entry = found
     try:
-        png = dicomops.source_png(path, invert=entry.get("inverted_by_heuristic") is True)
-    except dicomops.SourceImageError as exc:
+        png = previews.source_png(path, invert=entry.get("inverted_by_heuristic") is True)
+    except previews.SourceImageError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
     return Response(content=png, media_type="image/png")
 

@@ -28,7 +28,7 @@ from service.core.status import OPEN_DELIVERY_STATUSES
 log = logging.getLogger(__name__)
 
 # How long one C-STORE attempt may take before its delivery is due again (the worker died mid-send).
-# Longer than worker/dicom/scu.py's timeouts (30 s each for association, DIMSE and network) together.
+# Longer than service.dicomnet.scu.c_store's timeouts (30 s each: association, DIMSE, network) together.
 ATTEMPT_LEASE = timedelta(seconds=120)
 # Due deliveries sent per scheduler pass (the rest wait for the next pass, a second later).
 BATCH = 500

@@ -236,8 +236,8 @@ def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_
 
 def test_a_failure_never_overwrites_a_result_another_run_recorded(runtime: Runtime, shared_dir: Path) -> None:
     import worker.pipeline as pipeline
+    from service.core.errors import PermanentError
     from service.core.jobs import transition
-    from worker.errors import PermanentError
 
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     real_analyse = pipeline._analyse

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.admin.dicomops import thumbnail_size
+from service.admin.previews import thumbnail_size
 from service.core.models import Job, Study
 from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus

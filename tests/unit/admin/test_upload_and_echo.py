@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.admin.app import create_app
-from service.admin.dicomops import UPLOAD_MARK
+from service.admin.uploads import UPLOAD_MARK
 from service.core.models import Study
 from service.core.settings import Destination, Settings
 from tests.support.net import free_port
