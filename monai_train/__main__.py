@@ -6,12 +6,17 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from monai_train.bundle import NIH_LABELS, build_network, export_bundle, inference_config
+from monai_train.bundle import NIH_LABELS, export_untrained, inference_config
+from monai_train.config import TrainConfig
+from monai_train.losses import LOSSES
 from monai_train.metrics import OPERATING_POINT_METHODS
-from monai_train.train import LOSSES
+
+if TYPE_CHECKING:
+    from monai_train.data import Splits
 
 UNTRAINED_CARD = """# cxr14_densenet121 — UNTRAINED demonstration bundle
 
@@ -28,21 +33,13 @@ UNTRAINED_CARD = """# cxr14_densenet121 — UNTRAINED demonstration bundle
 
 
 def init_bundle(out: Path, seed: int) -> None:
-    torch.manual_seed(seed)
-    cfg = inference_config(len(NIH_LABELS))
-    net = build_network(cfg)
-    export_bundle(
+    export_untrained(
         out,
-        net,
-        cfg,
-        name="cxr14_densenet121",
+        inference_config(len(NIH_LABELS)),
+        seed=seed,
         version="0.0.1-untrained",
-        labels=NIH_LABELS,
-        operating_points=dict.fromkeys(NIH_LABELS, 0.5),
-        temperature=1.0,
-        metrics={},
-        training_data={"images": 0, "note": "untrained: random initialisation"},
         model_card=UNTRAINED_CARD.format(seed=seed),
+        training_data={"images": 0, "note": "untrained: random initialisation"},
     )
 
 
@@ -53,21 +50,13 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def _add_image_args(p: argparse.ArgumentParser, labels_help: str) -> None:
+    p.add_argument("--images", type=Path, action="append", required=True, help="image folder (repeatable)")
+    p.add_argument("--labels", type=Path, action="append", required=True, help=labels_help)
+
+
 def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
-    p.add_argument(
-        "--images",
-        type=Path,
-        action="append",
-        required=True,
-        help="image folder (repeat, paired in order with --labels)",
-    )
-    p.add_argument(
-        "--labels",
-        type=Path,
-        action="append",
-        required=True,
-        help="NIH-format label CSV (repeat, paired in order with --images)",
-    )
+    _add_image_args(p, "NIH-format label CSV (repeat, paired in order with --images)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument(
         "--label-map",
@@ -118,6 +107,9 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
             action="store_true",
             help="equalise each image's histogram in the bundle's preprocessing (the worker applies it too)",
         )
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="one-cycle peak learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -131,6 +123,9 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     p.add_argument("--no-stratify", action="store_true", help="split all sources together, not one by one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--operating-point", choices=OPERATING_POINT_METHODS, default="f1")
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -166,7 +161,7 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
 
 def _config_defaults(path: Path) -> dict[str, object]:
     """configs/train.json → argparse defaults (the flag names' destinations)."""
-    from monai_train.train import TRAIN_SETTINGS
+    from monai_train.config import TRAIN_SETTINGS
 
     raw = json.loads(path.read_text())
     unknown = sorted(set(raw) - set(TRAIN_SETTINGS))
@@ -180,27 +175,25 @@ def _config_defaults(path: Path) -> dict[str, object]:
     return out
 
 
-def run_training(args: argparse.Namespace) -> None:
-    from monai_train.data import check_no_leakage, combine, parse_label_set, read_records, split_by_patient
-    from monai_train.train import TrainConfig, TrainingStopped, train_and_export
+def _labels(args: argparse.Namespace) -> tuple[str, ...]:
+    from monai_train.data import parse_label_set
 
-    if len(args.images) != len(args.labels):
-        raise SystemExit("give one --labels CSV for each --images folder")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from_bundle = getattr(args, "from_bundle", None)
     spec = args.label_set
+    from_bundle = getattr(args, "from_bundle", None)
     if spec is None and from_bundle is not None:  # finetune without --label-set keeps the bundle's labels
         spec = json.loads((from_bundle / "configs" / "metadata.json").read_text())["labels"]
-    labels = parse_label_set(spec)
-    from monai_train.data import Record, splits_from_column
+    return parse_label_set(spec)
+
+
+def _read_training_data(
+    args: argparse.Namespace, labels: tuple[str, ...]
+) -> tuple[Splits, dict[str, object]]:
+    """The patient-wise splits of every --images folder (+ external test sets) and the DICOM gate report."""
+    from monai_train.data import check_no_leakage, combine, read_records, split_by_patient, splits_from_column
     from monai_train.dicom_folder import is_dicom_folder, read_dicom_folder
     from monai_train.labelmap import NIH, LabelMap
 
     label_map = LabelMap.from_file(args.label_map) if args.label_map else NIH
-    if len(args.test_images or []) != len(args.test_labels or []):
-        raise SystemExit("give one --test-labels CSV for each --test-images folder")
-
     datasets = []
     input_report: dict[str, object] = {}
     for folder, csv_path in zip(args.images, args.labels, strict=True):
@@ -212,23 +205,25 @@ def run_training(args: argparse.Namespace) -> None:
         else:
             recs = read_records(folder, csv_path, labels, label_map=label_map)
         datasets.append(recs)
-    records = combine(datasets)
-    external: list[Record] = []
-    for folder, csv_path in zip(args.test_images or [], args.test_labels or [], strict=True):
-        # External test sets: measured only, never trained or tuned on (checked for patient overlap below).
-        external += read_records(
-            folder, csv_path, labels, source=f"external:{folder.name}", label_map=label_map
-        )
-    if args.limit:
-        records = records[: args.limit]
+    records = combine(datasets)[: args.limit or None]
     if records and all(r.split for r in records):
         splits = splits_from_column(records)  # the label file's own split (mapping: split_column)
         print(f"predefined split: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} images")
     else:
         splits = split_by_patient(records, args.split, args.seed, stratify_by_source=not args.no_stratify)
-    if external:
-        splits.test.extend(external)
-        check_no_leakage(splits)
+    for folder, csv_path in zip(args.test_images or [], args.test_labels or [], strict=True):
+        # External test sets: measured only, never trained or tuned on (checked for patient overlap below).
+        splits.test += read_records(
+            folder, csv_path, labels, source=f"external:{folder.name}", label_map=label_map
+        )
+    check_no_leakage(splits)
+    return splits, input_report
+
+
+def _train_config(
+    args: argparse.Namespace, labels: tuple[str, ...], input_report: dict[str, object]
+) -> TrainConfig:
+    from_bundle = getattr(args, "from_bundle", None)
     tc = TrainConfig(
         labels=labels,
         image_size=args.image_size or 224,
@@ -262,6 +257,22 @@ def run_training(args: argparse.Namespace) -> None:
     )
     if from_bundle is not None and args.image_size is None:
         tc.image_size = 0  # init_from_bundle keeps the source bundle's size
+    return tc
+
+
+def run_training(args: argparse.Namespace) -> None:
+    from monai_train.config import TrainingStopped
+    from monai_train.train import train_and_export
+
+    if len(args.images) != len(args.labels):
+        raise SystemExit("give one --labels CSV for each --images folder")
+    if len(args.test_images or []) != len(args.test_labels or []):
+        raise SystemExit("give one --test-labels CSV for each --test-images folder")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    labels = _labels(args)
+    splits, input_report = _read_training_data(args, labels)
+    tc = _train_config(args, labels, input_report)
     try:
         result = train_and_export(splits, tc, args.out)
     except TrainingStopped as stopped:
@@ -279,28 +290,12 @@ def run_training(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="monai_train")
-    sub = parser.add_subparsers(dest="command", required=True)
-    init = sub.add_parser("init-bundle", help="write an untrained bundle (random initialisation)")
-    init.add_argument("--out", type=Path, required=True)
-    init.add_argument("--seed", type=int, default=0)
-    train = sub.add_parser("train", help="train a DenseNet-121 from scratch and export a bundle")
-    _add_training_args(train, finetune=False)
-    finetune = sub.add_parser("finetune", help="continue training a bundle, possibly on another label set")
-    _add_training_args(finetune, finetune=True)
+def _evaluate_parser(sub: Any) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="measure a bundle on labelled images, as the worker runs it, refusing its own training patients",
     )
-    ev.add_argument("--images", type=Path, action="append", required=True, help="image folder (repeatable)")
-    ev.add_argument(
-        "--labels",
-        type=Path,
-        action="append",
-        required=True,
-        help="NIH-format label CSV (may be .csv.gz): one for all folders, or one per --images",
-    )
+    _add_image_args(ev, "NIH-format label CSV (may be .csv.gz): one for all folders, or one per --images")
     ev.add_argument("--bundle", type=Path, default=None, help="default: worker/bundles/cxr14_densenet121")
     ev.add_argument("--out", type=Path, required=True, help="metrics.json to write (curves go beside it)")
     ev.add_argument("--heatmaps", type=Path, default=None, help="write DIR/<image>/<finding>.npy CAMs")
@@ -337,15 +332,15 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--threads", type=int, default=0)
+
+
+def _calibrate_parser(sub: Any) -> None:
     cal = sub.add_parser(
         "calibrate",
         help="fit per-finding Platt calibration on a bundle's validation split; report ECE on its test split",
     )
     cal.add_argument("--bundle", type=Path, required=True)
-    cal.add_argument(
-        "--images", type=Path, action="append", required=True, help="repeat, paired with --labels"
-    )
-    cal.add_argument("--labels", type=Path, action="append", required=True)
+    _add_image_args(cal, "label CSV (repeat, paired in order with --images)")
     cal.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")
     cal.add_argument(
         "--write",
@@ -354,6 +349,81 @@ def main(argv: list[str] | None = None) -> None:
     )
     cal.add_argument("--version", default=None, help="new bundle version string when written")
     cal.add_argument("--threads", type=int, default=0)
+
+
+def _run_calibrate(args: argparse.Namespace) -> None:
+    from monai_train.calibrate import recalibrate_bundle
+
+    if len(args.images) != len(args.labels):
+        raise SystemExit("give one --labels CSV for each --images folder")
+    report = recalibrate_bundle(
+        args.bundle,
+        args.images,
+        args.labels,
+        write=args.write,
+        threads=args.threads,
+        version=args.version,
+    )
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    e = report["ece_test"]
+    print(
+        f"test ECE {e['before']} -> {e['after']} ({report['measured_on']['images']} images); "
+        f"{'written to the bundle' if report['written'] else 'bundle unchanged'}"
+    )
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from monai_train.evaluate import DEFAULT_BUNDLE, EvaluationError, evaluate, summary_line
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        m = evaluate(
+            args.images,
+            args.labels,
+            args.out,
+            bundle_dir=args.bundle or DEFAULT_BUNDLE,
+            heatmaps=args.heatmaps,
+            boxes=args.boxes,
+            box_space=args.box_space,
+            allow_overlap=args.allow_overlap,
+            reference_csv=args.compare_reference,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            bootstrap_samples=args.bootstrap,
+            seed=args.seed,
+            versus=args.versus,
+        )
+    except EvaluationError as exc:
+        raise SystemExit(f"evaluate: {exc}") from exc
+    line = summary_line(m)
+    ref = m.get("reference_comparison")
+    if ref:
+        line += (
+            f"; on the {ref['n_images']} images the reference scored: this bundle "
+            f"{ref['model']['mean_auroc']}, reference {ref['reference']['mean_auroc']}"
+        )
+    print(f"{line}; metrics written to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="monai_train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init-bundle", help="write an untrained bundle (random initialisation)")
+    init.add_argument("--out", type=Path, required=True)
+    init.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="train a DenseNet-121 from scratch and export a bundle")
+    _add_training_args(train, finetune=False)
+    _add_schedule_args(train)
+    _add_run_args(train, finetune=False)
+    finetune = sub.add_parser("finetune", help="continue training a bundle, possibly on another label set")
+    _add_training_args(finetune, finetune=True)
+    _add_schedule_args(finetune)
+    _add_run_args(finetune, finetune=True)
+    _evaluate_parser(sub)
+    _calibrate_parser(sub)
     onnx = sub.add_parser("export-onnx", help="(re)write models/model.onnx from a bundle's weights")
     onnx.add_argument("--bundle", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -368,26 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {export_onnx(args.bundle)}")
         return
     if args.command == "calibrate":
-        from monai_train.calibrate import recalibrate_bundle
-
-        if len(args.images) != len(args.labels):
-            raise SystemExit("give one --labels CSV for each --images folder")
-        report = recalibrate_bundle(
-            args.bundle,
-            args.images,
-            args.labels,
-            write=args.write,
-            threads=args.threads,
-            version=args.version,
-        )
-        text = json.dumps(report, indent=2)
-        if args.out is not None:
-            args.out.write_text(text + "\n")
-        e = report["ece_test"]
-        print(
-            f"test ECE {e['before']} -> {e['after']} ({report['measured_on']['images']} images); "
-            f"{'written to the bundle' if report['written'] else 'bundle unchanged'}"
-        )
+        _run_calibrate(args)
         return
     if args.command != "init-bundle":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -397,37 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command in {"train", "finetune"}:
         run_training(args)
     elif args.command == "evaluate":
-        from monai_train.evaluate import DEFAULT_BUNDLE, EvaluationError, evaluate, summary_line
-
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        try:
-            m = evaluate(
-                args.images,
-                args.labels,
-                args.out,
-                bundle_dir=args.bundle or DEFAULT_BUNDLE,
-                heatmaps=args.heatmaps,
-                boxes=args.boxes,
-                box_space=args.box_space,
-                allow_overlap=args.allow_overlap,
-                reference_csv=args.compare_reference,
-                batch_size=args.batch_size,
-                threads=args.threads,
-                bootstrap_samples=args.bootstrap,
-                seed=args.seed,
-                versus=args.versus,
-            )
-        except EvaluationError as exc:
-            raise SystemExit(f"evaluate: {exc}") from exc
-        line = summary_line(m)
-        ref = m.get("reference_comparison")
-        if ref:
-            line += (
-                f"; on the {ref['n_images']} images the reference scored: this bundle "
-                f"{ref['model']['mean_auroc']}, reference {ref['reference']['mean_auroc']}"
-            )
-        print(f"{line}; metrics written to {args.out}")
+        _run_evaluate(args)
 
 
 if __name__ == "__main__":

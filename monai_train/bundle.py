@@ -178,3 +178,35 @@ def export_bundle(
 
         export_onnx(out_dir)
     return out_dir
+
+
+def export_untrained(
+    out_dir: Path,
+    cfg: dict[str, Any],
+    *,
+    seed: int,
+    version: str,
+    model_card: str,
+    name: str = "cxr14_densenet121",
+    training_data: dict[str, Any] | None = None,
+    fp16: bool = True,
+    onnx: bool = True,
+) -> Path:
+    """A bundle of a randomly initialised network (``torch.manual_seed(seed)``) over the NIH labels, every
+    operating point 0.5: for the gateway's end-to-end runs and speed benchmarks, never for its outputs."""
+    torch.manual_seed(seed)
+    return export_bundle(
+        out_dir,
+        build_network(cfg),
+        cfg,
+        name=name,
+        version=version,
+        labels=NIH_LABELS,
+        operating_points=dict.fromkeys(NIH_LABELS, 0.5),
+        temperature=1.0,
+        metrics={},
+        training_data=training_data or {},
+        model_card=model_card,
+        fp16=fp16,
+        onnx=onnx,
+    )

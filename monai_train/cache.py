@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_train.data import Record
+from monai_train.config import TrainConfig
+from monai_train.data import Record, Splits
+from monai_train.distributed import barrier, init_distributed, training_device
 
 log = logging.getLogger("monai_train")
 
@@ -62,15 +65,21 @@ def _init_worker(cfg: dict[str, Any], threads: int) -> None:
     _PREPROCESS = build_preprocessing(cfg)
 
 
+def preprocessed(path: str | Path, preprocessing: Any) -> torch.Tensor:
+    """Path → display image (the worker's rendering chain) → the bundle's preprocessing, converted as the
+    worker's Predictor converts it: the tensor the cache stores for the image."""
+    from monai_train.data import load_image
+
+    return torch.as_tensor(np.asarray(preprocessing(load_image(path)))).float()
+
+
 def _preprocess_one(job: tuple[str, str]) -> tuple[str, str | None, str]:
     """(image path, cache file) → (image path, None or a skip reason, message)."""
-    from monai_train.data import load_image
     from worker.imaging import PixelDataError
 
     src, dst = job
     try:
-        img = load_image(src)
-        tensor = np.ascontiguousarray(np.asarray(_PREPROCESS(img), dtype=np.float32))
+        tensor = np.ascontiguousarray(preprocessed(src, _PREPROCESS).numpy())
     except PixelDataError as exc:
         return src, str(exc.reason), str(exc)[:200]
     except MemoryError:
@@ -134,6 +143,29 @@ def build_cache(
         built=len(todo) - len(failed),
         seconds=time.monotonic() - t0,
     )
+
+
+def cache_dir_for(tc: TrainConfig) -> Path:
+    if tc.cache_dir is not None:
+        return tc.cache_dir
+    if tc.checkpoint_dir is not None:
+        return tc.checkpoint_dir / "cache"
+    return Path(tempfile.gettempdir()) / "monai_train-cache"
+
+
+def cache_splits(splits: Splits, cfg: dict[str, Any], tc: TrainConfig) -> tuple[Splits, CacheReport]:
+    """Preprocess every image of every split into the disk cache (once); the splits without the images
+    that could not be read (counted per reason in the report, never fatal)."""
+    rank, _ = init_distributed(training_device(tc.device).type)
+    records = [*splits.train, *splits.val, *splits.test]
+    if rank != 0:
+        barrier()  # rank 0 preprocesses; the others then find every image cached
+    report = build_cache(records, cfg, cache_dir_for(tc), workers=tc.workers)
+    if rank == 0:
+        barrier()
+    kept = {str(r.image) for r in report.records}
+    filtered = Splits(*([r for r in recs if str(r.image) in kept] for _, recs in splits.items()))
+    return filtered, report
 
 
 class CachedImages(torch.utils.data.Dataset[dict[str, Any]]):

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from scipy.optimize import minimize
 
 from monai_train.metrics import expected_calibration_error
+from monai_train.split_file import read_split_file, split_path
 from worker.inference.calibration import Calibration
 
 log = logging.getLogger("monai_train")
@@ -105,13 +106,14 @@ def per_label_ece(y: npt.ArrayLike, p: npt.ArrayLike, labels: Sequence[str]) -> 
 
 
 def _split_names(bundle_dir: Path) -> dict[str, set[str]]:
-    path = bundle_dir / "docs" / "splits.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the bundle's validation split is unknown")
+    rows = read_split_file(bundle_dir)
+    if rows is None:
+        raise FileNotFoundError(
+            f"{split_path(bundle_dir)} is missing: the bundle's validation split is unknown"
+        )
     out: dict[str, set[str]] = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["split"], set()).add(row["Image Index"])
+    for image, _, split in rows:
+        out.setdefault(split, set()).add(image)
     return out
 
 

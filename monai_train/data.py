@@ -33,7 +33,6 @@ FINDINGS_COLUMN = "Finding Labels"
 PATIENT_COLUMN = "Patient ID"
 NO_FINDING = "No Finding"
 IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")
-SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataError(ValueError):

@@ -24,7 +24,7 @@ import pydicom
 from monai_train.data import DataError, Record, multi_hot
 from monai_train.labelmap import NIH, LabelMap, LabelMapError
 from worker.gate import GateRules, check_header
-from worker.imaging import DICOM_SUFFIXES
+from worker.imaging import is_dicom_file
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,10 @@ class DicomFolderReport:
         }
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def is_dicom_folder(folder: Path, probe: int = 50) -> bool:
     """True when the folder's files (the first ``probe``, any depth) are DICOM rather than PNG/JPEG."""
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()][:probe]
-    return bool(files) and sum(_is_dicom(p) for p in files) > len(files) / 2
+    return bool(files) and sum(is_dicom_file(p) for p in files) > len(files) / 2
 
 
 def _read_labels(labels_csv: Path, label_map: LabelMap) -> dict[str, dict[str, str]]:

@@ -39,7 +39,8 @@ from monai_train.metrics import (
     paired_bootstrap_difference,
     write_curves,
 )
-from monai_train.train import reference_comparison
+from monai_train.reference import reference_comparison
+from monai_train.split_file import read_split_file
 from worker.inference.bundle import Bundle, load_bundle
 from worker.inference.predictor import Predictor
 from worker.regions import finding_region
@@ -67,17 +68,11 @@ def _safe(name: str) -> str:
 
 def learned_patients(bundle_dir: Path) -> tuple[dict[str, str], dict[str, str]] | None:
     """(patient → split, image → split) for the bundle's train and val splits; None without splits.csv."""
-    path = bundle_dir / "docs" / "splits.csv"
-    if not path.is_file():
+    rows = read_split_file(bundle_dir)
+    if rows is None:
         return None
-    patients: dict[str, str] = {}
-    images: dict[str, str] = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] in {"train", "val"}:
-                patients[row["Patient ID"].strip()] = row["split"]
-                images[row["Image Index"].strip()] = row["split"]
-    return patients, images
+    learned = [row for row in rows if row[2] in {"train", "val"}]
+    return {patient: split for _, patient, split in learned}, {image: split for image, _, split in learned}
 
 
 def partition_overlap(

@@ -409,7 +409,7 @@ def read_display_file(path: Path | str, *, auto_invert: bool = True) -> DisplayI
     """Display pixels of an image file: DICOM (by suffix, or by its DICM preamble) through
     `read_display_pixels`, anything else through Pillow and `display_from_pil`."""
     p = Path(path)
-    if p.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(p):
+    if is_dicom_file(p):
         try:
             ds = pydicom.dcmread(str(p))
         except Exception as exc:  # pydicom raises many types for a file it cannot parse
@@ -425,7 +425,10 @@ def read_display_file(path: Path | str, *, auto_invert: bool = True) -> DisplayI
     return DisplayImage(pixels=pixels, inverted_by_label=False, inverted_by_heuristic=False)
 
 
-def _has_dicom_preamble(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its suffix, or by the DICM magic after the 128-byte preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
     try:
         with path.open("rb") as fh:
             head = fh.read(132)

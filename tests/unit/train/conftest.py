@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from monai_train.bundle import NIH_LABELS
+from monai_train.config import TrainConfig, TrainResult
 from monai_train.data import Record, Splits, read_records, split_by_patient
-from monai_train.train import TrainConfig, TrainResult, train_and_export
+from monai_train.train import train_and_export
 
 # The brief's convention: ../shared beside the repo root.
 SHARED = Path(__file__).resolve().parents[3].parent / "shared"

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from monai_train.bundle import NIH_LABELS, build_preprocessing, inference_config
-from monai_train.cache import Augmentation, CachedImages, augment_batch, build_cache
+from monai_train.cache import Augmentation, CachedImages, augment_batch, build_cache, preprocessed
+from monai_train.config import TrainConfig, TrainResult, fingerprint
 from monai_train.data import Record, Splits, read_records
-from monai_train.train import LoadPreprocessd, TrainConfig, TrainResult, _fingerprint, train_and_export
+from monai_train.train import train_and_export
 
 
 def _records(small_set: Path, n: int) -> list[Record]:
@@ -27,7 +28,7 @@ def test_cache_holds_exactly_the_workers_tensor_and_is_built_once(small_set: Pat
     again = build_cache(recs, cfg, tmp_path / "c")
     assert again.built == 0 and len(again.records) == 12
     ds = CachedImages(recs, cfg, tmp_path / "c")
-    direct = LoadPreprocessd(build_preprocessing(cfg))({"image": str(recs[3].image)})["image"]
+    direct = preprocessed(recs[3].image, build_preprocessing(cfg))
     item = ds[3]
     assert torch.equal(item["image"], direct) and item["name"] == recs[3].name
     assert np.array_equal(item["label"].numpy(), np.asarray(recs[3].labels, np.float32))
@@ -63,12 +64,12 @@ def test_batch_augmentation_is_seeded_mild_and_shape_preserving() -> None:
 
 def test_a_checkpoint_resumes_only_the_same_settings() -> None:
     tc = TrainConfig()
-    base = _fingerprint(tc, 100, "a", "b")
+    base = fingerprint(tc, 100, "a", "b")
     for change in ({"lr": 2e-3}, {"augment": False}, {"feature_stride": 8}, {"pos_weight_max": 5.0}):
         other = TrainConfig(**change)  # type: ignore[arg-type]
-        assert _fingerprint(other, 100, "a", "b") != base, change
-    assert _fingerprint(TrainConfig(log_every=1, version="x", workers=2), 100, "a", "b") == base
-    assert _fingerprint(tc, 100, "a", "c") != base  # another validation split
+        assert fingerprint(other, 100, "a", "b") != base, change
+    assert fingerprint(TrainConfig(log_every=1, version="x", workers=2), 100, "a", "b") == base
+    assert fingerprint(tc, 100, "a", "c") != base  # another validation split
 
 
 def test_training_skips_unreadable_images_and_writes_tensorboard_events(

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from monai_train.calibrate import fit_platt
+from monai_train.config import TrainResult
 from monai_train.data import load_image
 from monai_train.metrics import expected_calibration_error
-from monai_train.train import TrainResult
 from worker.inference.bundle import BundleError, load_bundle
 from worker.inference.calibration import Calibration, CalibrationError
 from worker.inference.predictor import Predictor

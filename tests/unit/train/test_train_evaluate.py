@@ -13,10 +13,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from monai_train.__main__ import main
+from monai_train.config import TrainResult
 from monai_train.data import Splits
 from monai_train.evaluate import Box, EvaluationError, evaluate, read_boxes, score_boxes
 from monai_train.metrics import bootstrap_auroc, rank_auroc
-from monai_train.train import TrainResult
 
 REPO = Path(__file__).resolve().parents[3]
 

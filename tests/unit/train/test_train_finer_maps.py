@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-from monai_train.bundle import NIH_LABELS, build_network, export_bundle, inference_config
+from monai_train.bundle import NIH_LABELS, export_untrained, inference_config
 from worker.inference.bundle import load_bundle
 from worker.inference.networks import DenseNet121Fine, feature_stride
 from worker.inference.predictor import Predictor
@@ -33,21 +33,7 @@ def test_pool_free_transitions_give_16_by_16_maps_at_128_with_densenet121_weight
 def test_a_fine_bundle_runs_in_the_worker(tmp_path: Path) -> None:
     cfg = inference_config(len(NIH_LABELS), 64, feature_stride=8)
     assert cfg["network_def"]["_target_"] == "worker.inference.networks.DenseNet121Fine"
-    torch.manual_seed(0)
-    export_bundle(
-        tmp_path / "b",
-        build_network(cfg),
-        cfg,
-        name="fine",
-        version="0",
-        labels=NIH_LABELS,
-        operating_points=dict.fromkeys(NIH_LABELS, 0.5),
-        temperature=1.0,
-        metrics={},
-        training_data={},
-        model_card="test",
-        onnx=False,
-    )
+    export_untrained(tmp_path / "b", cfg, seed=0, name="fine", version="0", model_card="test", onnx=False)
     pred = Predictor(load_bundle(tmp_path / "b"), threads=1).predict([np.full((200, 180), 0.5, np.float32)])
     assert pred.cams.shape == (1, 14, 8, 8) and pred.probabilities.shape == (1, 14)
 

@@ -11,16 +11,11 @@ from sklearn.metrics import roc_auc_score
 
 from monai_train.__main__ import main
 from monai_train.bundle import NIH_LABELS
+from monai_train.config import TrainConfig, TrainResult
 from monai_train.data import LeakageError, Splits, load_image
-from monai_train.train import (
-    TrainConfig,
-    TrainResult,
-    fit,
-    head,
-    init_from_bundle,
-    load_bundle_network,
-    train_and_export,
-)
+from monai_train.loop import fit
+from monai_train.network import head, init_from_bundle, load_bundle_network
+from monai_train.train import train_and_export
 from worker.inference.bundle import load_bundle
 from worker.inference.predictor import Predictor
 

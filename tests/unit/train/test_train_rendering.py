@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from monai_train.bundle import build_preprocessing, inference_config
+from monai_train.cache import preprocessed
 from monai_train.data import load_image
-from monai_train.train import LoadPreprocessd
 from service.core.status import ReasonCode
 from worker.dicom.decoder import DecodeLimits, IsolatedDecoder
 from worker.imaging import PixelDataError, display_from_pil, read_display_file
@@ -53,7 +53,7 @@ def test_a_dicom_file_is_the_same_tensor_in_training_and_in_the_worker(
         k: predictor.bundle.parser.get(k)
         for k in ("image_size", "num_classes", "network_def", "preprocessing")
     }
-    trained_on = LoadPreprocessd(build_preprocessing(cfg))({"image": str(path)})["image"]
+    trained_on = preprocessed(path, build_preprocessing(cfg))
     assert served.shape == trained_on.shape == (1, 128, 128)
     assert torch.equal(served, trained_on)
 
@@ -66,7 +66,7 @@ def test_png_input_goes_through_the_same_normalisation(shared_dir: Path, predict
     assert pixels.dtype == np.float32 and np.array_equal(pixels, expected)
     assert np.array_equal(read_display_file(path).pixels, pixels)
     pre = build_preprocessing(inference_config(14, 128))
-    trained_on = LoadPreprocessd(pre)({"image": str(path)})["image"]
+    trained_on = preprocessed(path, pre)
     assert torch.equal(trained_on, predictor.prepare([pixels])[0])
 
 

@@ -1,0 +1,42 @@
+"""Training losses: class-weighted BCE (or its focal form) on multi-hot labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from monai_train.data import Record
+
+LOSSES = ("bce", "focal")
+
+
+def positive_weights(records: Sequence[Record], n_labels: int, max_weight: float) -> torch.Tensor:
+    """neg/pos per label from the training prevalence, clipped to [1, max_weight]."""
+    y = np.asarray([r.labels for r in records], dtype=np.float64).reshape(-1, n_labels)
+    pos = y.sum(axis=0)
+    neg = y.shape[0] - pos
+    w = np.where(pos > 0, neg / np.maximum(pos, 1), max_weight)
+    return torch.as_tensor(np.clip(w, 1.0, max_weight), dtype=torch.float32)
+
+
+def multilabel_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    pos_weight: torch.Tensor,
+    kind: str = "bce",
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Class-weighted BCE, or its focal form: the same terms scaled by (1 − p_t)^γ (Lin et al. 2017)."""
+    logits = logits.float()  # loss in fp32 also under autocast
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=pos_weight, reduction="none"
+    )
+    if kind == "focal":
+        p = torch.sigmoid(logits)
+        p_t = p * target + (1 - p) * (1 - target)
+        bce = bce * (1 - p_t).pow(gamma)
+    elif kind != "bce":
+        raise ValueError(f"loss must be one of {LOSSES}")
+    return bce.mean()
