@@ -235,3 +235,59 @@ class AuditEntry(Base):
     target_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     client_address: Mapped[str | None] = mapped_column(String(64))
+
+
+class Notification(Base):
+    """One urgent finding of one job on one channel (HL7 v2, FHIR, webhook): service.core.notifications
+    holds its state machine. The row is written with the job's result, before anything is sent.
+
+    Unique per job × rule × channel × result: a re-run of the job with the same result finds its row; a
+    changed result (another bundle, another image, another score) adds a row with the next ``revision``.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("job_id", "rule", "channel", "result_digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "hl7" | "fhir" | "webhook"
+    priority: Mapped[str] = mapped_column(String(16))  # service.notify.config.Priority
+    # What is notified, as the result said it (finding, score, image, bundle): no patient data.
+    finding: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result_digest: Mapped[str] = mapped_column(String(64))
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # all attempts, the claim's counter
+    tries: Mapped[int] = mapped_column(Integer, default=0)  # attempts since the last replay
+    # A reason code, then what the peer said (MSA/ERR text, OperationOutcome): shown to dashboard users,
+    # never logged (a peer may echo patient data).
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    # As for deliveries: when an open row is due (or a sending row's lease ends), and when its message for
+    # that due time went to the broker (None: not yet).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
+    dispatched_at: Mapped[datetime | None]
+
+    history: Mapped[list[NotificationAttempt]] = relationship(
+        back_populates="notification", order_by="NotificationAttempt.id", lazy="selectin"
+    )
+
+
+class NotificationAttempt(Base):
+    """One send of a notification: when, how long, the outcome and the peer's answer (no patient data)."""
+
+    __tablename__ = "notification_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id"), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))  # sent | failed_retrying | dead
+    reason: Mapped[str | None] = mapped_column(String(40))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    notification: Mapped[Notification] = relationship(back_populates="history")

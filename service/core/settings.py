@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.core.status import DEFAULT_OUTPUTS, OutputKind
+from service.notify.config import Channel as NotifyChannel
+from service.notify.config import NotifyRule, check_notify_config
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
 _OUTPUT_NAMES = [kind.value for kind in OutputKind]
@@ -256,6 +258,21 @@ class Settings(BaseSettings):
     # PDU bytes being received at once across all associations; a PDU that would pass it waits (TCP
     # pushes back on the sender) up to listener_network_timeout, then its association is aborted.
     listener_receive_memory_bytes: int = Field(default=64 << 20, ge=1 << 20)
+
+    # Urgent-finding notifications (service.notify; docs/integration.md). Rules: JSON list of NotifyRule,
+    # e.g. [{"name": "ptx", "finding": "Pneumothorax"}]; channels: JSON list of hl7 / fhir / webhook
+    # channels. A failed send is due again after base × 2^(n-1) s (at most max apart); after
+    # notify_max_retries retries it is a dead letter, replayable from the dashboard.
+    notify_rules: list[NotifyRule] = Field(default_factory=list)
+    notify_channels: list[NotifyChannel] = Field(default_factory=list)
+    notify_max_retries: int = Field(default=8, ge=0)
+    notify_retry_base_seconds: float = Field(default=5.0, ge=0.0)
+    notify_retry_max_seconds: float = Field(default=300.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_notify(self) -> Settings:
+        check_notify_config(self.notify_rules, self.notify_channels)
+        return self
 
     @field_validator("viewer_url")
     @classmethod
