@@ -9,7 +9,7 @@ import socket
 import sys
 import warnings
 
-from service.core import tasks as names
+from service.core import task_names as names
 from worker.broker import EXIT_LOST, stopping_on_purpose
 
 log = logging.getLogger("worker")

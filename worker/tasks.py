@@ -10,7 +10,7 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.core import tasks as names
+from service.core import task_names as names
 from service.core.deliveries import send_ids
 from service.core.jobs import transition
 from service.core.models import Job

@@ -14,11 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.admin import uploads
 from service.admin.auth import Principal
 from service.admin.schemas import EchoOut, PeerOut, UploadOut
-from service.core import tasks
-from service.core.deliveries import send_ids
-from service.core.jobs import transition
-from service.core.models import AuditEntry, Delivery, Job, JobEvent, Study
-from service.core.queue import enqueue
+from service.core import deliveries, jobs, queue
+from service.core.models import AuditEntry, Delivery, Job, Study
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 from service.core.tls import client_context
@@ -76,18 +73,9 @@ def requeue(
             raise ActionError(404, "job not found")
         if not JobStatus(job.status).is_final:
             raise ActionError(409, f"job is {job.status}; only finished jobs can be requeued")
-        new = Job(
-            study_id=job.study_id,
-            status=JobStatus.RECEIVED,
-            calling_ae_title=job.calling_ae_title,
-            received_at=now,
-            created_at=now,
-        )
-        session.add(new)
-        session.flush()
-        session.add(JobEvent(job_id=new.id, status=JobStatus.RECEIVED, at=now))
-        # Queued before it is sent (like the assembler), so a fast worker never finds 'received'.
-        transition(session, new.id, JobStatus.QUEUED, expected=[JobStatus.RECEIVED], now=now)
+        new = jobs.create(session, job.study_id, job.calling_ae_title, now)
+        # Queued before it is sent (see queue.send_queued).
+        jobs.transition(session, new.id, JobStatus.QUEUED, expected=[JobStatus.RECEIVED], now=now)
         audit(
             session,
             who,
@@ -98,15 +86,11 @@ def requeue(
             client=client,
         )
         new_id = new.id
-    try:
-        enqueue(celery, tasks.PROCESS_STUDY, new_id)
-    except Exception as exc:
-        # Back to 'received': the listener's assembler queues it when the broker is back.
-        with sessions.begin() as session:
-            transition(session, new_id, JobStatus.RECEIVED, expected=[JobStatus.QUEUED])
+    refused = queue.send_queued(sessions, celery, new_id)
+    if refused is not None:
         raise ActionError(
-            503, f"broker unavailable ({type(exc).__name__}); job {new_id} will be queued later"
-        ) from exc
+            503, f"broker unavailable ({type(refused).__name__}); job {new_id} will be queued later"
+        ) from refused
     return new_id
 
 
@@ -116,7 +100,7 @@ def cancel(sessions: sessionmaker[Session], job_id: str, who: Principal, client:
         job = session.get(Job, job_id)
         if job is None:
             raise ActionError(404, "job not found")
-        moved = transition(
+        moved = jobs.transition(
             session,
             job_id,
             JobStatus.FAILED,
@@ -139,12 +123,20 @@ def replay(
             raise ActionError(404, "delivery not found")
         if delivery.status == DeliveryStatus.DELIVERED:
             raise ActionError(409, "already delivered")
-        previous = delivery.status
-        delivery.status = DeliveryStatus.PENDING
-        delivery.last_error = None
+        previous = DeliveryStatus(delivery.status)
         # Due now, its message not out yet: sent below, or by the listener if the broker refuses here.
-        delivery.next_attempt_at = datetime.now(UTC)
-        delivery.dispatched_at = None
+        moved = deliveries.transition(
+            session,
+            delivery_id,
+            DeliveryStatus.PENDING,
+            expected=[previous],
+            last_error=None,
+            next_attempt_at=datetime.now(UTC),
+            dispatched_at=None,
+        )
+        if not moved:
+            raise ActionError(409, "the delivery changed meanwhile; look again")
+        session.refresh(delivery)
         audit(
             session,
             who,
@@ -154,17 +146,18 @@ def replay(
             detail={"job": delivery.job_id, "destination": delivery.ae_title, "previous_status": previous},
             client=client,
         )
-    if send_ids(sessions, celery, [delivery_id], datetime.now(UTC)):
+    if deliveries.send_ids(sessions, celery, [delivery_id], datetime.now(UTC)):
         return delivery
-    refused = False
+    # Not sent by us, nor meanwhile by the listener's scheduler: the broker refused it. Put it back.
     with sessions.begin() as session:
-        row = session.get(Delivery, delivery_id)
-        # Not sent by us, nor meanwhile by the listener's scheduler: the broker refused it.
-        if row is not None and row.status == DeliveryStatus.PENDING and row.dispatched_at is None:
-            row.status = previous
-            if previous == DeliveryStatus.DEAD_LETTER:
-                row.next_attempt_at = None
-            refused = True
+        refused = deliveries.transition(
+            session,
+            delivery_id,
+            previous,
+            expected=[DeliveryStatus.PENDING],
+            only_if=Delivery.dispatched_at.is_(None),
+            **({"next_attempt_at": None} if previous == DeliveryStatus.DEAD_LETTER else {}),
+        )
     if refused:
         raise ActionError(503, "broker unavailable; try again")
     return delivery

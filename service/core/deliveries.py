@@ -1,4 +1,5 @@
-"""Delivery retries owned by the database: due times in the rows, messages sent only when due.
+"""The delivery state machine (:func:`transition`), and delivery retries owned by the database: due
+times in the rows, messages sent only when due.
 
 A retry is never a countdown/ETA task: with Redis such a task sits unacknowledged in a worker's memory
 until the visibility timeout (an hour) once that worker dies, and it is gone when Redis loses it. Instead
@@ -12,18 +13,18 @@ the attempt number its message carries is still the next one (stale or doubled m
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core import tasks
+from service.core import task_names
 from service.core.models import Delivery
 from service.core.queue import enqueue
 from service.core.settings import Settings
-from service.core.status import OPEN_DELIVERY_STATUSES
+from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,52 @@ log = logging.getLogger(__name__)
 ATTEMPT_LEASE = timedelta(seconds=120)
 # Due deliveries sent per scheduler pass (the rest wait for the next pass, a second later).
 BATCH = 500
+
+
+# Each state and the states it may move to. An open delivery may be attempted again (a failed attempt
+# is due again, or dead-lettered; any attempt may deliver) and sent again now (an admin's replay, put
+# back when the broker refuses it); a dead-lettered one only by a replay; a delivered one never moves.
+ALLOWED: Mapping[DeliveryStatus, frozenset[DeliveryStatus]] = {
+    DeliveryStatus.PENDING: frozenset(DeliveryStatus),
+    DeliveryStatus.RETRYING: frozenset(DeliveryStatus),
+    DeliveryStatus.DEAD_LETTER: frozenset({DeliveryStatus.PENDING}),
+    DeliveryStatus.DELIVERED: frozenset(),
+}
+
+
+class ForbiddenTransition(ValueError):
+    """A caller asked for a move the delivery state machine does not have (a bug, not a race)."""
+
+
+def transition(
+    session: Session,
+    delivery_id: int,
+    to: DeliveryStatus,
+    *,
+    expected: Iterable[DeliveryStatus] | None = None,
+    only_if: ColumnElement[bool] | None = None,
+    now: datetime | None = None,
+    **values: object,
+) -> bool:
+    """Move a delivery to ``to`` if it is in one of ``expected`` (default: every state that may move
+    there) and matches ``only_if``, setting ``values`` too; True if it moved (a compare-and-set).
+
+    Raises :class:`ForbiddenTransition` when ``expected`` names a state that may not move to ``to``.
+    """
+    sources = {state for state, targets in ALLOWED.items() if to in targets}
+    states = sources if expected is None else set(expected)
+    forbidden = states - sources
+    if forbidden:
+        raise ForbiddenTransition(f"delivery may not move {sorted(forbidden)} -> {to}")
+    if to == DeliveryStatus.DELIVERED:
+        values.setdefault("delivered_at", now or datetime.now(UTC))
+    stmt = update(Delivery).where(
+        Delivery.id == delivery_id, Delivery.status.in_([str(s) for s in sorted(states)])
+    )
+    if only_if is not None:
+        stmt = stmt.where(only_if)
+    result: CursorResult[object] = session.execute(stmt.values(status=to, **values))  # type: ignore[assignment]
+    return result.rowcount > 0
 
 
 def retry_delay(settings: Settings, attempts: int) -> timedelta:
@@ -70,7 +117,7 @@ def _send(
             if not _cas(session, delivery_id, dispatched_at, now):
                 continue  # another replica (or the worker that made it) sent it first
         try:
-            enqueue(celery, tasks.DELIVER, delivery_id, attempts)
+            enqueue(celery, task_names.DELIVER, delivery_id, attempts)
         except Exception as exc:
             log.warning("delivery=%d not sent (%s: broker away?); next pass", delivery_id, type(exc).__name__)
             with sessions.begin() as session:

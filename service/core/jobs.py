@@ -1,4 +1,5 @@
-"""Job state transitions, each with its timestamp and an event row, shared by every process."""
+"""The job state machine, shared by every process: a job's creation and each transition (with its
+timestamp and an event row). The hand-over of a queued job to the workers is ``queue.send_queued``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ _TIMESTAMP_COLUMN = {
     JobStatus.FAILED: "finished_at",
     JobStatus.SKIPPED: "finished_at",
 }
+
+
+def create(session: Session, study_id: int, calling_ae_title: str | None, now: datetime) -> Job:
+    """A new job for the study, 'received', with its first event (flushed: its id is set)."""
+    job = Job(
+        study_id=study_id,
+        status=JobStatus.RECEIVED,
+        calling_ae_title=calling_ae_title,
+        received_at=now,
+        created_at=now,
+    )
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, status=JobStatus.RECEIVED, at=now))
+    return job
 
 
 def transition(

@@ -1,4 +1,5 @@
-"""The Celery app as both sides see it: the service only ``send_task``s by name, the worker adds tasks."""
+"""The Celery app as both sides see it: the service only ``send_task``s by name, the worker adds tasks;
+and the hand-over of a queued job to the workers (:func:`send_queued`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.core import tasks
+from service.core import task_names
+from service.core.jobs import transition
 from service.core.settings import Settings
+from service.core.status import JobStatus
 
 log = logging.getLogger(__name__)
 
 # kombu's Redis transport keeps each priority level in its own list: "<queue>\x06\x16<priority>".
 _REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-QUEUES = (tasks.INFERENCE_QUEUE, tasks.DELIVERY_QUEUE)
+QUEUES = (task_names.INFERENCE_QUEUE, task_names.DELIVERY_QUEUE)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -48,8 +52,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=tasks.INFERENCE_QUEUE,
-        task_routes={name: {"queue": queue} for name, queue in tasks.TASK_QUEUES.items()},
+        task_default_queue=task_names.INFERENCE_QUEUE,
+        task_routes={name: {"queue": queue} for name, queue in task_names.TASK_QUEUES.items()},
         worker_hijack_root_logger=False,
     )
     return app
@@ -73,10 +77,26 @@ def enqueue(app: Celery, task_name: str, *args: Any) -> None:
     app.send_task(
         task_name,
         args=list(args),
-        queue=tasks.TASK_QUEUES[task_name],
+        queue=task_names.TASK_QUEUES[task_name],
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )
+
+
+def send_queued(sessions: sessionmaker[Session], celery: Celery, job_id: str) -> Exception | None:
+    """Send a job already marked 'queued' to the workers; None once the broker has its message.
+
+    Marked first, then sent: a worker that starts at once must find 'queued', never have its 'running'
+    overwritten. When the broker refuses, the job goes back to 'received' (the listener's assembler
+    queues it again once the broker is back) and the broker's error is returned.
+    """
+    try:
+        enqueue(celery, task_names.PROCESS_STUDY, job_id)
+    except Exception as exc:
+        with sessions.begin() as session:
+            transition(session, job_id, JobStatus.RECEIVED, expected=[JobStatus.QUEUED])
+        return exc
+    return None
 
 
 def broker_kind(settings: Settings) -> str:

@@ -19,12 +19,12 @@ from celery import Celery
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core import tasks
+from service.core import task_names
 from service.core.db import database_now
 from service.core.deliveries import resend_lost, send_due
 from service.core.jobs import transition
 from service.core.models import Job
-from service.core.queue import enqueue, queue_depth
+from service.core.queue import queue_depth, send_queued
 from service.core.settings import Settings
 from service.core.status import JobStatus
 from service.core.workers import lost_worker_names, prune
@@ -120,10 +120,9 @@ def reconcile(
             )
         if not moved:
             continue
-        try:
-            enqueue(celery, tasks.PROCESS_STUDY, job_id)
-        except Exception:
-            log.exception("reconciler could not reach the broker for job=%s", job_id)
+        refused = send_queued(sessions, celery, job_id)
+        if refused is not None:
+            log.error("reconciler could not reach the broker for job=%s", job_id, exc_info=refused)
             continue
         log.warning("job=%s re-enqueued reason=%s", job_id, reason)
         requeued.append(job_id)
@@ -183,10 +182,10 @@ class Reconciler:
                     queued_deadline=self._queued,
                     running_deadline=self._running,
                     worker_lost_after=self._worker_lost,
-                    waiting=depth[tasks.INFERENCE_QUEUE],
+                    waiting=depth[task_names.INFERENCE_QUEUE],
                     now=database_now(self._sessions),
                     resend_after=timedelta(seconds=self._interval),
-                    delivery_waiting=depth[tasks.DELIVERY_QUEUE],
+                    delivery_waiting=depth[task_names.DELIVERY_QUEUE],
                 )
             except Exception:
                 log.exception("reconciler pass failed")

@@ -1,4 +1,4 @@
-"""Task-name contract between the listener/dashboard (which enqueue) and the worker (which runs).
+"""The task-name contract between the listener/dashboard (which enqueue) and the worker (which runs).
 
 The service never imports the worker: it sends these names with ``send_task``, passing ids only.
 """

@@ -16,11 +16,10 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core import tasks
 from service.core.db import database_now
 from service.core.jobs import transition
 from service.core.models import Job, Study
-from service.core.queue import enqueue
+from service.core.queue import send_queued
 from service.core.settings import Settings
 from service.core.status import JobStatus, ReasonCode
 from service.scp.backpressure import BackPressure
@@ -125,25 +124,21 @@ class StudyAssembler:
     def _queue(self, job_id: str) -> bool:
         # The reconciler compares queued_at with the database's clock, so it is stamped by that clock.
         now = database_now(self._sessions)
-        # Mark queued first (conditionally, so two listeners never both take it), then send: a worker
-        # that starts at once must find 'queued', never have its 'running' overwritten.
+        # Marked queued conditionally, so two listeners never both take it; then sent.
         with self._sessions.begin() as session:
             if not transition(session, job_id, JobStatus.QUEUED, expected=[JobStatus.RECEIVED], now=now):
                 return False
-        try:
-            enqueue(self._celery, tasks.PROCESS_STUDY, job_id)
-        except Exception as exc:
+        refused = send_queued(self._sessions, self._celery, job_id)
+        if refused is not None:
             log_failure(
                 log,
                 "broker refused job=%s reason=%s; back to received",
-                exc,
+                refused,
                 job_id,
                 ReasonCode.BROKER_UNAVAILABLE,
             )
             if self._pressure is not None:
                 self._pressure.broker_failed()
-            with self._sessions.begin() as session:
-                transition(session, job_id, JobStatus.RECEIVED, expected=[JobStatus.QUEUED])
             return False
         if self._pressure is not None:
             self._pressure.broker_succeeded()

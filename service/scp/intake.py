@@ -21,7 +21,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core.models import Instance, InstanceConflict, Job, JobEvent, Study
+from service.core import jobs
+from service.core.models import Instance, InstanceConflict, Job, Study
 from service.core.settings import Settings
 from service.core.status import JobStatus, ReasonCode
 from service.scp import spool
@@ -339,16 +340,7 @@ class Intake:
             if job is None:
                 # No job waiting for this study (none yet, or the last one is queued/running/finished):
                 # a new one, so late instances re-run the study rather than vanish.
-                job = Job(
-                    study_id=study.id,
-                    status=JobStatus.RECEIVED,
-                    calling_ae_title=rx.calling_ae_title[:16],
-                    received_at=now,
-                    created_at=now,
-                )
-                session.add(job)
-                session.flush()
-                session.add(JobEvent(job_id=job.id, status=JobStatus.RECEIVED, at=now))
+                job = jobs.create(session, study.id, rx.calling_ae_title[:16], now)
             study_id, job_id = study.id, job.id
         log.info("stored instance job=%s calling_ae=%s", job_id, rx.calling_ae_title)
         return Outcome(StoreStatus.SUCCESS, study_id=study_id, job_id=job_id)

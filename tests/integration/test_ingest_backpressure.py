@@ -18,7 +18,7 @@ from psycopg import sql
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
-from service.core import tasks
+from service.core import task_names
 from service.core.models import Instance, Job
 from service.core.status import JobStatus
 from tests.support.dcmtk import echoscu, storescu
@@ -145,7 +145,7 @@ def test_broker_outage_stores_durably_and_queues_the_jobs_when_it_returns(
             assert listener.pressure.broker_ok
         client = redis.Redis.from_url(redis_url)
         try:
-            assert client.llen(tasks.INFERENCE_QUEUE) == 2
+            assert client.llen(task_names.INFERENCE_QUEUE) == 2
         finally:
             client.close()
     finally:

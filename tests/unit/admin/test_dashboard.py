@@ -282,6 +282,24 @@ def test_replay_dead_letter(admin: TestClient, done_job: str, settings: Settings
     assert admin.get("/api/audit").json()["items"][0]["action"] == "replay"
 
 
+def test_a_replay_the_broker_refuses_leaves_the_delivery_dead_and_a_requeue_received(
+    admin: TestClient, done_job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr("service.core.deliveries.enqueue", refuse)
+    monkeypatch.setattr("service.core.queue.enqueue", refuse)
+    dead = admin.get("/api/deliveries", params={"status": "dead_letter"}).json()[0]
+    assert admin.post(f"/api/deliveries/{dead['id']}/replay").status_code == 503
+    again = next(d for d in admin.get("/api/deliveries").json() if d["id"] == dead["id"])
+    assert (again["status"], again["next_attempt_at"]) == ("dead_letter", None)
+    r = admin.post(f"/api/jobs/{done_job}/requeue")
+    assert r.status_code == 503 and "will be queued later" in r.json()["detail"]
+    statuses = [j["status"] for j in admin.get("/api/jobs").json()["items"]]
+    assert sorted(statuses) == ["done", "received"]
+
+
 def test_dead_letter_page_and_replay_all(
     browser: Callable[..., tuple[TestClient, str]], done_job: str, sessions: sessionmaker[Session]
 ) -> None:

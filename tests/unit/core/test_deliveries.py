@@ -259,3 +259,26 @@ def test_an_attempt_whose_database_restarts_waits_for_it_instead_of_losing_the_m
         row = s.get(Delivery, delivery_id)
         assert row is not None and (row.status, row.attempts) == (DeliveryStatus.RETRYING, 1)
     assert calls == 2
+
+
+def test_the_delivery_state_machine_moves_only_along_its_transitions(tmp_path: Path) -> None:
+    _settings, sessions, _celery = _setup(tmp_path)
+    delivery_id = _delivery(sessions, status=DeliveryStatus.DEAD_LETTER, next_attempt_at=None)
+    with sessions.begin() as s:
+        # Asking for a move the machine does not have is a bug, whatever the row holds.
+        dead, delivered = [DeliveryStatus.DEAD_LETTER], [DeliveryStatus.DELIVERED]
+        with pytest.raises(deliveries.ForbiddenTransition):
+            deliveries.transition(s, delivery_id, DeliveryStatus.RETRYING, expected=dead)
+        with pytest.raises(deliveries.ForbiddenTransition):
+            deliveries.transition(s, delivery_id, DeliveryStatus.PENDING, expected=delivered)
+        # A dead letter moves only by a replay.
+        assert not deliveries.transition(s, delivery_id, DeliveryStatus.DELIVERED)
+        assert deliveries.transition(s, delivery_id, DeliveryStatus.PENDING, last_error=None)
+        assert deliveries.transition(s, delivery_id, DeliveryStatus.DELIVERED, now=NOW)
+        # Delivered is final: nothing moves it, not even a replay.
+        assert not deliveries.transition(s, delivery_id, DeliveryStatus.PENDING)
+        assert not deliveries.transition(s, delivery_id, DeliveryStatus.DEAD_LETTER)
+    with sessions() as s:
+        row = s.get(Delivery, delivery_id)
+        assert row is not None
+        assert (row.status, row.delivered_at.replace(tzinfo=UTC)) == (DeliveryStatus.DELIVERED, NOW)

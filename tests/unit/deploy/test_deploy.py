@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from service.cli import main as cli
-from service.core import tasks
+from service.core import task_names
 from service.core.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
@@ -89,14 +89,14 @@ def test_workloads_run_real_commands_and_queues(directory: Path) -> None:
             for env in c.get("env", []):
                 assert env["name"] in SETTINGS_ENV, env["name"]
                 if env["name"] == "CXR_WORKER_QUEUES":
-                    assert set(yaml.safe_load(env["value"])) <= set(tasks.TASK_QUEUES.values())
+                    assert set(yaml.safe_load(env["value"])) <= set(task_names.TASK_QUEUES.values())
     services = {r["metadata"]["name"]: r for r in resources if r["kind"] == "Service"}
     listener = services["cxr-listener"]
     assert listener["spec"]["ports"][0]["port"] == 11112
     scaled = next(r for r in resources if r["kind"] == "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] in deployments
     trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == tasks.INFERENCE_QUEUE
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == task_names.INFERENCE_QUEUE
     inference = deployments["cxr-worker-inference"]["spec"]["template"]["spec"]["containers"][0]
     gpu = inference["resources"].get("limits", {}).get("nvidia.com/gpu")
     assert (gpu is None) == (directory.name == "cpu-only")
@@ -115,7 +115,7 @@ def test_compose_file_is_consistent() -> None:
             for key, value in svc.get("environment", {}).items():
                 assert key in SETTINGS_ENV, key
                 if key == "CXR_WORKER_QUEUES":
-                    assert set(yaml.safe_load(value)) <= set(tasks.TASK_QUEUES.values())
+                    assert set(yaml.safe_load(value)) <= set(task_names.TASK_QUEUES.values())
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_cmd and "noeviction" in redis_cmd
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]

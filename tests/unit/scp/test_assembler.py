@@ -90,7 +90,7 @@ def test_broker_failure_puts_the_job_back_and_raises_back_pressure(
     def refuse(*args: object, **kwargs: object) -> None:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr("service.scp.assembler.enqueue", refuse)
+    monkeypatch.setattr("service.core.queue.enqueue", refuse)
     assert assembler.tick(now=T0 + timedelta(seconds=5)) == []
     assert not pressure.broker_ok
     with assembler._sessions() as session:
