@@ -83,13 +83,14 @@ def create_for_job(
     """
     if not settings.notify_rules or not settings.notify_channels:
         return []
-    job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.DONE or not job.result:
+    # Columns, not the ORM object: the caller's transition is an UPDATE the identity map has not seen.
+    row = session.execute(select(Job.status, Job.result).where(Job.id == job_id)).one_or_none()
+    if row is None or row.status != JobStatus.DONE or not row.result:
         return []
     now = now or datetime.now(UTC)
     channels = {c.name: c for c in settings.notify_channels}
     created: list[int] = []
-    for hit in evaluate(settings.notify_rules, job.result):
+    for hit in evaluate(settings.notify_rules, row.result):
         key = digest(hit.finding)
         for name in hit.rule.channels or list(channels):
             same = (

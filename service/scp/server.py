@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.db import make_session_factory, migrate
 from service.core.queue import make_celery
 from service.core.reconciler import Reconciler
+from service.notify.dispatch import Scheduler as NotifyScheduler
 from service.core.settings import Settings
 from service.core.tls import server_context
 from service.scp.assembler import StudyAssembler
@@ -110,6 +111,7 @@ class Listener:
             settings, self.sessions, self.celery, pressure=self.pressure, busy=self.studies.busy
         )
         self.reconciler = Reconciler(settings, self.sessions, self.celery)
+        self.notifier = NotifyScheduler(settings, self.sessions, self.celery)
         self.servers: list[ThreadedAssociationServer] = []
         self.receive_budget = ReceiveBudget(settings.listener_receive_memory_bytes)
         self.guard_limits = GuardLimits(
@@ -152,6 +154,7 @@ class Listener:
             raise
         self.assembler.start()
         self.reconciler.start()
+        self.notifier.start()
         log.info(
             "listener up ae_title=%s port=%s tls_port=%s quiet=%.1fs max_associations=%d",
             s.listener_ae_title,
@@ -174,7 +177,6 @@ class Listener:
             max_connections=2 * s.max_associations + 4,
             guard_limits=self.guard_limits,
         )
-        ae._servers.append(server)  # so that server.shutdown() finds itself there, as with start_server
         thread = threading.Thread(target=server.serve_forever, name=f"dicom-server-{port}", daemon=True)
         thread.start()
         self.servers.append(server)
@@ -206,6 +208,7 @@ class Listener:
         # rest for the next start or another replica.
         self.assembler.stop()
         self.reconciler.stop()
+        self.notifier.stop()
         self.intake.close()
         return len(open_now)
 

@@ -40,7 +40,7 @@ class HttpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {k: v for k, v in self.headers.items()}
+                headers = {k.lower(): v for k, v in self.headers.items()}  # names are case-insensitive
                 req = Request(self.path, headers, body, time.monotonic())
                 if receiver.verify is not None:
                     req.verified = receiver.verify(headers, body)
