@@ -37,9 +37,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.db import make_session_factory, migrate
 from service.core.queue import make_celery
 from service.core.reconciler import Reconciler
-from service.notify.dispatch import Scheduler as NotifyScheduler
 from service.core.settings import Settings
 from service.core.tls import server_context
+from service.notify.dispatch import Scheduler as NotifyScheduler
 from service.scp.assembler import StudyAssembler
 from service.scp.backpressure import BackPressure
 from service.scp.handlers import (
