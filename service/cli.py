@@ -212,7 +212,7 @@ def serve(ctx: click.Context, verbose: bool) -> None:
     env = _child_env(ctx)
     if not settings.dashboard_users:
         env.update(_one_time_admin(settings))
-    run_migrate(settings)
+    run_migrate(settings, verbose=verbose)
     me = [sys.executable, "-m", "service.cli"]
     more = ["--verbose"] if verbose else []
     commands = {

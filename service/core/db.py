@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -52,13 +55,30 @@ def database_now(sessions: sessionmaker[Session]) -> datetime:
     return datetime.now(UTC)
 
 
-def migrate(settings: Settings) -> None:
-    """Bring the schema to the newest Alembic revision (idempotent)."""
-    from alembic import command
-    from alembic.config import Config
+def migrate(settings: Settings, *, verbose: bool = False) -> None:
+    """Bring the schema to the newest Alembic revision (idempotent).
 
+    Alembic's INFO lines (its plugin set-up and each step, some 16 at every start) are kept out of the log
+    unless ``verbose``; its warnings and errors still show.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", settings.effective_database_url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    # Imported in here: alembic announces its plugins when first imported.
+    with _alembic_at(logging.NOTSET if verbose else logging.WARNING):
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("sqlalchemy.url", settings.effective_database_url.replace("%", "%%"))
+        command.upgrade(cfg, "head")
+
+
+@contextmanager
+def _alembic_at(level: int) -> Iterator[None]:
+    alembic_log = logging.getLogger("alembic")
+    before = alembic_log.level
+    alembic_log.setLevel(level)
+    try:
+        yield
+    finally:
+        alembic_log.setLevel(before)

@@ -133,7 +133,11 @@ def make_store_handler(
                 log.warning("store refused reason=%s calling_ae=%s", ReasonCode.PEER_NOT_ALLOWED, calling_ae)
                 return NOT_AUTHORIZED
             request = event.request
-            assert isinstance(request, C_STORE)
+            if not isinstance(request, C_STORE):
+                # pynetdicom hands EVT_C_STORE only C-STOREs; anything else is a bug on our side of the
+                # wire, and like every bug in here it costs the instance a retry (0xA700).
+                log.error("store handler got %s calling_ae=%s", type(request).__name__, calling_ae)
+                return int(StoreStatus.OUT_OF_RESOURCES)
             path, ours = _received_file(event, staging)
             made = path if ours else None
             rx = Received(

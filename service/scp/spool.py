@@ -44,10 +44,6 @@ def write_durably(root: Path, rel: Path, data: bytes) -> Path:
     return target
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -56,6 +57,15 @@ class GatewayAssociationServer(ThreadedAssociationServer):
         # pynetdicom fires EVT_CONN_OPEN in our request thread just before it starts the association's own
         # thread: from then on that thread counts (ae.active_associations), so the slot is handed over.
         self.bind(evt.EVT_CONN_OPEN, self._handed_over)
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket; open associations go on.
+
+        The listener starts this server itself (``AE.start_server`` cannot take a server class), so the AE
+        does not list it, and pynetdicom's own ``shutdown`` would look for it there.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     # Runs in the accept loop: must never block.
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:

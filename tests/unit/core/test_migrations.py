@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
@@ -21,3 +23,13 @@ def test_migrations_match_the_models(tmp_path: Path) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_alembic_says_nothing_at_info_unless_verbose(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    migrate(load_settings(data_dir=tmp_path / "quiet"))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
+    migrate(load_settings(data_dir=tmp_path / "verbose"), verbose=True)
+    assert any(r.name.startswith("alembic") and "Running upgrade" in r.getMessage() for r in caplog.records)
