@@ -12,11 +12,12 @@ from PIL import Image
 from pydicom import dcmread
 
 from service.core.settings import DEFAULT_BUNDLE
+from worker.analysis import image_findings
 from worker.dicom.pixels import read_display_pixels
 from worker.dicom.sc import build_heatmap_sc
 from worker.inference.bundle import load_bundle
 from worker.inference.predictor import Predictor
-from worker.pipeline import algorithm_info, image_findings
+from worker.outputs import algorithm_info
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,11 +1,14 @@
-"""Sending one result object to one destination and recording what happened."""
+"""A study's outputs fanned out to its destinations as delivery rows; sending one of them (one C-STORE
+attempt) and recording what happened."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import CursorResult, func, select, text, update
@@ -15,12 +18,51 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.deliveries import ATTEMPT_LEASE, retry_delay
 from service.core.errors import PermanentError, TransientError
 from service.core.models import Delivery, DeliveryAttempt
-from service.core.settings import Settings
+from service.core.settings import Destination, Settings
 from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, ReasonCode
 from service.core.tls import client_context
 from service.dicomnet.scu import c_store
+from worker.outputs import Output
 
 log = logging.getLogger(__name__)
+
+
+def fan_out(
+    session: Session, job_id: str, outputs: list[Output], destinations: list[Destination], output_dir: Path
+) -> list[int]:
+    """One delivery row per output and destination that wants it, due now; the ids of those to send.
+
+    A task redelivered after a worker died finds the rows of its first run: they are reused, and those
+    already delivered are not sent again.
+    """
+    existing = {
+        (d.sop_instance_uid, d.ae_title, d.host, d.port): d
+        for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))
+    }
+    ids: list[int] = []
+    for out in outputs:
+        for dest in destinations:
+            if not out.wanted_by(dest):
+                continue
+            delivery = existing.get((out.sop_instance_uid, dest.ae_title, dest.host, dest.port))
+            if delivery is None:
+                delivery = Delivery(
+                    job_id=job_id,
+                    ae_title=dest.ae_title,
+                    host=dest.host,
+                    port=dest.port,
+                    sop_instance_uid=out.sop_instance_uid,
+                    kind=out.kind,
+                    output_path=str(out.path.relative_to(output_dir)),
+                    status=DeliveryStatus.PENDING,
+                    next_attempt_at=datetime.now(UTC),  # due now: sent by the task or the listener
+                )
+                session.add(delivery)
+                session.flush()
+            elif delivery.status == DeliveryStatus.DELIVERED:
+                continue
+            ids.append(delivery.id)
+    return ids
 
 
 def deliver(
@@ -52,30 +94,53 @@ def deliver(
             tls_context=client_context(settings) if _uses_tls(settings, target) else None,
         )
     except TransientError as exc:
-        tries = _through_restarts(sessions, _attempts_since_replay, sessions, delivery_id) + 1
-        if tries > settings.delivery_max_retries:
-            _record(sessions, delivery_id, attempts, DeliveryStatus.DEAD_LETTER, str(exc), started)
-            log.error(
-                "delivery=%d to ae=%s dead-lettered after %d attempts", delivery_id, target[0], attempts
-            )
-            return DeliveryStatus.DEAD_LETTER
-        due = datetime.now(UTC) + retry_delay(settings, tries)
-        _record(sessions, delivery_id, attempts, DeliveryStatus.RETRYING, str(exc), started, due)
-        log.warning(
-            "delivery=%d to ae=%s retrying reason=%s due=%s",
-            delivery_id,
-            target[0],
-            exc.reason,
-            due.isoformat(timespec="seconds"),
-        )
-        return DeliveryStatus.RETRYING
+        return _retry_or_give_up(settings, sessions, delivery_id, target[0], _Outcome(attempts, started), exc)
     except PermanentError as exc:
-        _record(sessions, delivery_id, attempts, DeliveryStatus.DEAD_LETTER, str(exc), started)
+        _record(sessions, delivery_id, _Outcome(attempts, started, DeliveryStatus.DEAD_LETTER, str(exc)))
         log.error("delivery=%d to ae=%s dead-lettered reason=%s", delivery_id, target[0], exc.reason)
         return DeliveryStatus.DEAD_LETTER
-    _record(sessions, delivery_id, attempts, DeliveryStatus.DELIVERED, None, started)
+    _record(sessions, delivery_id, _Outcome(attempts, started, DeliveryStatus.DELIVERED))
     log.info("delivery=%d to ae=%s delivered", delivery_id, target[0])
     return DeliveryStatus.DELIVERED
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One attempt's outcome: the delivery's attempt count with it, and when it is due again (a retry)."""
+
+    attempts: int
+    started: datetime
+    status: DeliveryStatus = DeliveryStatus.DELIVERED
+    error: str | None = None
+    due: datetime | None = None
+
+
+def _retry_or_give_up(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    delivery_id: int,
+    ae_title: str,
+    attempt: _Outcome,
+    exc: TransientError,
+) -> DeliveryStatus:
+    """A failure that may pass: due again after the back-off, or dead-lettered past the retries allowed."""
+    tries = _through_restarts(sessions, _attempts_since_replay, sessions, delivery_id) + 1
+    if tries > settings.delivery_max_retries:
+        _record(sessions, delivery_id, replace(attempt, status=DeliveryStatus.DEAD_LETTER, error=str(exc)))
+        log.error(
+            "delivery=%d to ae=%s dead-lettered after %d attempts", delivery_id, ae_title, attempt.attempts
+        )
+        return DeliveryStatus.DEAD_LETTER
+    due = datetime.now(UTC) + retry_delay(settings, tries)
+    _record(sessions, delivery_id, replace(attempt, status=DeliveryStatus.RETRYING, error=str(exc), due=due))
+    log.warning(
+        "delivery=%d to ae=%s retrying reason=%s due=%s",
+        delivery_id,
+        ae_title,
+        exc.reason,
+        due.isoformat(timespec="seconds"),
+    )
+    return DeliveryStatus.RETRYING
 
 
 def _claim(
@@ -131,22 +196,14 @@ def _uses_tls(settings: Settings, target: tuple[str, str, int]) -> bool:
     return any((d.ae_title, d.host, d.port) == target and d.tls for d in settings.destinations)
 
 
-def _record(
-    sessions: sessionmaker[Session],
-    delivery_id: int,
-    attempts: int,
-    status: DeliveryStatus,
-    error: str | None,
-    started: datetime,
-    due: datetime | None = None,
-) -> None:
+def _record(sessions: sessionmaker[Session], delivery_id: int, outcome: _Outcome) -> None:
     """The attempt's outcome, and the delivery's new state unless a later attempt has taken it over.
 
     A C-STORE that got through is recorded whatever happened meanwhile: the PACS has the object.
     """
     # The C-STORE's outcome must not be lost to a database restart: a delivered object left unrecorded
     # would be sent again once its lease runs out.
-    _through_restarts(sessions, _write_outcome, sessions, delivery_id, attempts, status, error, started, due)
+    _through_restarts(sessions, _write_outcome, sessions, delivery_id, outcome)
 
 
 _DATABASE_TRIES = 30
@@ -178,31 +235,28 @@ def wait_for_database(sessions: sessionmaker[Session], seconds: float) -> bool:
             time.sleep(1.0)
 
 
-def _write_outcome(
-    sessions: sessionmaker[Session],
-    delivery_id: int,
-    attempts: int,
-    status: DeliveryStatus,
-    error: str | None,
-    started: datetime,
-    due: datetime | None,
-) -> None:
+def _write_outcome(sessions: sessionmaker[Session], delivery_id: int, outcome: _Outcome) -> None:
     now = datetime.now(UTC)
+    status = outcome.status
     with sessions.begin() as session:
         session.add(
             DeliveryAttempt(
-                delivery_id=delivery_id, started_at=started, finished_at=now, outcome=status, error=error
+                delivery_id=delivery_id,
+                started_at=outcome.started,
+                finished_at=now,
+                outcome=status,
+                error=outcome.error,
             )
         )
         stmt = update(Delivery).where(
             Delivery.id == delivery_id, Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES])
         )
         if status != DeliveryStatus.DELIVERED:
-            stmt = stmt.where(Delivery.attempts == attempts)
+            stmt = stmt.where(Delivery.attempts == outcome.attempts)
         values: dict[str, object] = {
             "status": status,
-            "last_error": error,
-            "next_attempt_at": due,
+            "last_error": outcome.error,
+            "next_attempt_at": outcome.due,
             "dispatched_at": None,
         }
         if status == DeliveryStatus.DELIVERED:

@@ -1,4 +1,5 @@
-"""Thin Celery tasks: ids in, plain pipeline functions do the work, retry policy here."""
+"""Thin Celery tasks: ids in, plain functions do the work; the retry policy for a database that is away
+lives here. Registered on the app the worker builds at start-up, over the runtime it built."""
 
 from __future__ import annotations
 
@@ -6,19 +7,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import Task
+from celery import Celery, Task
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.core import task_names as names
 from service.core.deliveries import send_ids
-from service.core.jobs import transition
 from service.core.models import Job
 from service.core.queue import enqueue
-from service.core.status import JobStatus, ReasonCode
-from worker.app import app, runtime
+from service.core.status import ReasonCode
+from worker.claim import fail_job
 from worker.delivery import deliver, wait_for_database
-from worker.pipeline import UNFINISHED, process_study
+from worker.pipeline import process_study
+from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +31,24 @@ DATABASE_WAIT_SECONDS = 60.0
 MAX_RUNS = 5
 
 
-@app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True)
-def process_study_task(self: Task[Any, Any], job_id: str) -> None:
+def register_tasks(app: Celery, rt: Runtime) -> None:
+    @app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True)
+    def process_study_task(self: Task[Any, Any], job_id: str) -> None:
+        run_study(self.app, rt, job_id, worker=self.request.hostname)
+
+    @app.task(name=names.DELIVER, acks_late=True)
+    def deliver_task(delivery_id: int, attempt: int | None = None) -> None:
+        # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
+        deliver(delivery_id, rt.settings, rt.sessions, attempt)
+
+
+def run_study(app: Celery, rt: Runtime, job_id: str, worker: str | None) -> None:
+    """The process-study task: the job, then its deliveries sent. A crash fails the job; a stop hands it
+    back to the broker; a database that is away is waited for."""
     try:
-        delivery_ids = process_study(job_id, runtime, worker=self.request.hostname)
+        delivery_ids = process_study(job_id, rt, worker=worker)
     except DATABASE_AWAY as exc:
-        # Wait here (this worker holds the message, unacknowledged) until the database answers, then send
-        # the job's task again to run now: not Celery's retry, whose default is a 3-minute countdown task.
-        # Still away after the wait: the job stays 'running' under this live worker, and the reconciler's
-        # running deadline brings it back.
-        log.warning("job=%s database away (%s); waiting for it", job_id, type(exc).__name__)
-        if not wait_for_database(runtime.sessions, DATABASE_WAIT_SECONDS):
-            raise
-        with runtime.sessions() as session:
-            runs = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
-        if runs < MAX_RUNS:
-            enqueue(app, names.PROCESS_STUDY, job_id)
-            return
-        log.error("job=%s failed on the database %d times; giving up", job_id, runs)
-        _fail(job_id, exc)
+        _rerun_after_database(app, rt, job_id, exc)
         return
     except Exception as exc:
         stop = _stop_inside(exc)
@@ -60,20 +60,31 @@ def process_study_task(self: Task[Any, Any], job_id: str) -> None:
             raise stop from exc
         # An unexpected bug fails this job with a code, and the worker takes the next one.
         log.exception("job=%s crashed", job_id)
-        _fail(job_id, exc)
+        fail_job(rt.sessions, job_id, ReasonCode.INTERNAL_ERROR, type(exc).__name__)
         return
     # The rows are due now; whatever cannot be sent here (broker or database away) the listener's
     # scheduler sends once it can.
     try:
-        send_ids(runtime.sessions, app, delivery_ids, datetime.now(UTC))
+        send_ids(rt.sessions, app, delivery_ids, datetime.now(UTC))
     except DATABASE_AWAY as exc:
         log.warning("job=%s deliveries left to the listener (database away: %s)", job_id, type(exc).__name__)
 
 
-@app.task(name=names.DELIVER, bind=True, acks_late=True)
-def deliver_task(self: Task[Any, Any], delivery_id: int, attempt: int | None = None) -> None:
-    # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
-    deliver(delivery_id, runtime.settings, runtime.sessions, attempt)
+def _rerun_after_database(app: Celery, rt: Runtime, job_id: str, exc: Exception) -> None:
+    """Wait here (this worker holds the message, unacknowledged) until the database answers, then send the
+    job's task again to run now: not Celery's retry, whose default is a 3-minute countdown task. Still away
+    after the wait: the job stays 'running' under this live worker, and the reconciler's running deadline
+    brings it back."""
+    log.warning("job=%s database away (%s); waiting for it", job_id, type(exc).__name__)
+    if not wait_for_database(rt.sessions, DATABASE_WAIT_SECONDS):
+        raise exc
+    with rt.sessions() as session:
+        runs = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+    if runs < MAX_RUNS:
+        enqueue(app, names.PROCESS_STUDY, job_id)
+        return
+    log.error("job=%s failed on the database %d times; giving up", job_id, runs)
+    fail_job(rt.sessions, job_id, ReasonCode.INTERNAL_ERROR, type(exc).__name__)
 
 
 def _stop_inside(exc: BaseException) -> BaseException | None:
@@ -86,15 +97,3 @@ def _stop_inside(exc: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or current.__context__
     return None
-
-
-def _fail(job_id: str, exc: Exception) -> None:
-    with runtime.sessions.begin() as session:
-        transition(
-            session,
-            job_id,
-            JobStatus.FAILED,
-            expected=UNFINISHED,
-            reason_code=ReasonCode.INTERNAL_ERROR,
-            reason_detail=type(exc).__name__,
-        )

@@ -21,7 +21,8 @@ from service.core.status import JobStatus, ReasonCode
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.hostile import chest_cr, save, with_bomb
 from tests.support.studies import enqueue_files
-from worker.pipeline import Runtime, process_study
+from worker.pipeline import process_study
+from worker.runtime import Runtime
 
 
 @pytest.fixture

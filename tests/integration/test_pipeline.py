@@ -16,7 +16,8 @@ from service.core.settings import Destination, load_settings
 from service.core.status import JobStatus, ReasonCode
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.studies import enqueue_files
-from worker.pipeline import Runtime, process_study
+from worker.pipeline import process_study
+from worker.runtime import Runtime
 
 
 @pytest.fixture
@@ -197,7 +198,7 @@ def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_
 
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     both_analysed = threading.Barrier(2, timeout=120)
-    real_analyse = pipeline._analyse
+    real_analyse = pipeline.analyse
 
     def in_step(*args: object, **kwargs: object) -> object:
         out = real_analyse(*args, **kwargs)  # type: ignore[arg-type]
@@ -212,7 +213,7 @@ def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_
         except Exception as exc:  # the rows' unique constraint may refuse the slower run: that is fine
             results.append(exc)
 
-    pipeline._analyse = in_step  # type: ignore[assignment]
+    pipeline.analyse = in_step  # type: ignore[assignment]
     try:
         threads = [threading.Thread(target=run, name=f"w{i}") for i in range(2)]
         for t in threads:
@@ -220,7 +221,7 @@ def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_
         for t in threads:
             t.join(timeout=180)
     finally:
-        pipeline._analyse = real_analyse
+        pipeline.analyse = real_analyse
     assert len(results) == 2
     assert not any(isinstance(r, FileNotFoundError) for r in results), results
     with runtime.sessions() as s:
@@ -240,18 +241,18 @@ def test_a_failure_never_overwrites_a_result_another_run_recorded(runtime: Runti
     from service.core.jobs import transition
 
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
-    real_analyse = pipeline._analyse
+    real_analyse = pipeline.analyse
 
     def other_run_finishes_first(*args: object, **kwargs: object) -> object:
         with runtime.sessions.begin() as s:
             transition(s, job_id, JobStatus.DONE)
         raise PermanentError(ReasonCode.INFERENCE_ERROR, "this run failed")
 
-    pipeline._analyse = other_run_finishes_first  # type: ignore[assignment]
+    pipeline.analyse = other_run_finishes_first  # type: ignore[assignment]
     try:
         assert process_study(job_id, runtime) == []
     finally:
-        pipeline._analyse = real_analyse
+        pipeline.analyse = real_analyse
     with runtime.sessions() as s:
         assert s.get(Job, job_id).status == JobStatus.DONE  # type: ignore[union-attr]
 
@@ -281,12 +282,12 @@ def test_each_destination_gets_the_outputs_it_asks_for(tmp_path: Path, shared_di
 def test_a_region_that_cannot_be_built_costs_only_the_region(
     runtime: Runtime, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.pipeline as pipeline
+    import worker.analysis as analysis
 
     def broken(*args: object, **kwargs: object) -> object:
         raise ValueError("malformed heatmap")
 
-    monkeypatch.setattr(pipeline, "finding_region", broken)
+    monkeypatch.setattr(analysis, "finding_region", broken)
     # Every finding present at a zero operating point, so every one needs a region.
     predictor = runtime.predictor
     points = dict.fromkeys(predictor.bundle.labels, 0.0)
@@ -310,12 +311,12 @@ def test_a_region_that_cannot_be_built_costs_only_the_region(
 def test_an_output_that_cannot_be_built_costs_only_that_output(
     runtime: Runtime, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.pipeline as pipeline
+    import worker.outputs as outputs
 
     def broken(*args: object, **kwargs: object) -> object:
         raise KeyError("builder bug")
 
-    monkeypatch.setattr(pipeline, "build_heatmap_sc", broken)
+    monkeypatch.setattr(outputs, "build_heatmap_sc", broken)
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm"])
     assert len(process_study(job_id, runtime)) == 2  # both reports still go to the PACS
     with runtime.sessions() as s:
@@ -331,7 +332,7 @@ def test_an_output_that_cannot_be_built_costs_only_that_output(
 
     # Nothing at all could be built: the job fails with the reason, as before.
     for name in ("build_findings_sr", "build_results_sr"):
-        monkeypatch.setattr(pipeline, name, broken)
+        monkeypatch.setattr(outputs, name, broken)
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-explicit-le.dcm"])
     assert process_study(job_id, runtime) == []
     with runtime.sessions() as s:

@@ -144,9 +144,11 @@ def test_a_stop_that_interrupts_a_job_hands_it_back_instead_of_failing_it(
     import pydoc
 
     import worker.tasks
+    from service.core import task_names as names
     from service.core.models import Job, Study
     from service.core.status import JobStatus
-    from worker.pipeline import Runtime
+    from worker.app import make_app
+    from worker.runtime import Runtime
 
     settings = load_settings(data_dir=tmp_path)
     migrate(settings)
@@ -156,7 +158,7 @@ def test_a_stop_that_interrupts_a_job_hands_it_back_instead_of_failing_it(
         s.add(study)
         s.flush()
         s.add(Job(id="j" * 32, study_id=study.id, status=JobStatus.RUNNING, attempts=1))
-    monkeypatch.setattr(worker.tasks, "runtime", Runtime(settings=settings, sessions=sessions))
+    app = make_app(Runtime(settings=settings, sessions=sessions))
 
     def stopped_during_model_load(*args: object, **kwargs: object) -> list[int]:
         try:
@@ -166,6 +168,6 @@ def test_a_stop_that_interrupts_a_job_hands_it_back_instead_of_failing_it(
 
     monkeypatch.setattr(worker.tasks, "process_study", stopped_during_model_load)
     with pytest.raises(SystemExit):
-        worker.tasks.process_study_task.run("j" * 32)
+        app.tasks[names.PROCESS_STUDY].run("j" * 32)
     with sessions() as s:
         assert s.get(Job, "j" * 32).status == JobStatus.RUNNING  # type: ignore[union-attr]

@@ -244,11 +244,8 @@ def build_findings_sr(
         [image],
         root,
         algorithm,
-        description=series_description(f"{algorithm.name} findings"),
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
-        instance_number=instance_number,
+        series_description(f"{algorithm.name} findings"),
+        _Placement(series_instance_uid, sop_instance_uid, series_number, instance_number),
         local_codes=True,  # the value names are local codes
     )
 
@@ -305,11 +302,8 @@ def build_results_sr(
         [image],
         root,
         algorithm,
-        description=series_description(f"{algorithm.name} results"),
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
-        instance_number=instance_number,
+        series_description(f"{algorithm.name} results"),
+        _Placement(series_instance_uid, sop_instance_uid, series_number, instance_number),
         local_codes=True,
     )
 
@@ -350,11 +344,8 @@ def build_not_analysed_sr(
         evidence,
         root,
         algorithm,
-        description=series_description(f"{algorithm.name} not analysed"),
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
-        instance_number=instance_number,
+        series_description(f"{algorithm.name} not analysed"),
+        _Placement(series_instance_uid, sop_instance_uid, series_number, instance_number),
         local_codes=False,
     )
 
@@ -383,17 +374,24 @@ def _present_sentence(present: Sequence[FindingResult], algorithm: AlgorithmInfo
     return f"Above the operating point: {'; '.join(parts)}."
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where a document stands in its study: its series, its own UID, their numbers."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    instance_number: int
+
+
 def _document(
     sr_class: type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR],
     evidence: Sequence[pydicom.Dataset],
     root: pydicom.Dataset,
     algorithm: AlgorithmInfo,
-    *,
     description: str,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    instance_number: int,
+    at: _Placement,
+    *,
     local_codes: bool,
 ) -> pydicom.Dataset:
     with warnings.catch_warnings():
@@ -402,10 +400,10 @@ def _document(
         sr = sr_class(
             evidence=evidence,
             content=root,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
+            series_instance_uid=at.series_instance_uid,
+            series_number=at.series_number,
+            sop_instance_uid=at.sop_instance_uid,
+            instance_number=at.instance_number,
             manufacturer=algorithm.manufacturer,
             is_complete=True,
             is_final=False,  # unverified machine output: preliminary by definition

@@ -160,8 +160,9 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
 ) -> None:
     """The Celery task makes one attempt against a PACS that is down and returns: the retry is a due
     time in the row, not a countdown task held by this worker (or, with Redis, by its unacked hash)."""
-    import worker.tasks
-    from worker.pipeline import Runtime
+    from service.core import task_names as names
+    from worker.app import make_app
+    from worker.runtime import Runtime
 
     settings, sessions, _celery = _setup(
         tmp_path, delivery_retry_base_seconds=5, delivery_max_retries=2, sender_ae_title="CXR_GATEWAY"
@@ -171,12 +172,12 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
     delivery_id = _delivery(
         sessions, port=down, status=DeliveryStatus.PENDING, next_attempt_at=datetime.now(UTC)
     )
-    monkeypatch.setattr(worker.tasks, "runtime", Runtime(settings=settings, sessions=sessions))
+    deliver_task = make_app(Runtime(settings=settings, sessions=sessions)).tasks[names.DELIVER]
     published: list[dict[str, Any]] = []
     monkeypatch.setattr(Celery, "send_task", lambda self, *a, **kw: published.append(kw))
 
     before = datetime.now(UTC)
-    worker.tasks.deliver_task.apply(args=[delivery_id, 0])
+    deliver_task.apply(args=[delivery_id, 0])
     with sessions() as s:
         row = s.get(Delivery, delivery_id)
         assert row is not None
@@ -187,10 +188,10 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
     assert published == []
 
     # A second copy of the same message (the broker redelivered it) does nothing.
-    worker.tasks.deliver_task.apply(args=[delivery_id, 0])
+    deliver_task.apply(args=[delivery_id, 0])
     # The scheduler's message for attempt 2 makes it; the third failure is past the 2 retries allowed.
-    worker.tasks.deliver_task.apply(args=[delivery_id, 1])
-    worker.tasks.deliver_task.apply(args=[delivery_id, 2])
+    deliver_task.apply(args=[delivery_id, 1])
+    deliver_task.apply(args=[delivery_id, 2])
     with sessions() as s:
         row = s.get(Delivery, delivery_id)
         assert row is not None
@@ -205,7 +206,9 @@ def test_a_job_whose_database_went_away_is_sent_again_at_once_not_as_a_countdown
     from sqlalchemy.exc import OperationalError
 
     import worker.tasks
-    from worker.pipeline import Runtime
+    from service.core import task_names as names
+    from worker.app import make_app
+    from worker.runtime import Runtime
 
     settings, sessions, _celery = _setup(tmp_path)
     with sessions.begin() as s:
@@ -213,7 +216,7 @@ def test_a_job_whose_database_went_away_is_sent_again_at_once_not_as_a_countdown
         s.add(study)
         s.flush()
         s.add(Job(id="j" * 32, study_id=study.id, status=JobStatus.RUNNING, attempts=1))
-    monkeypatch.setattr(worker.tasks, "runtime", Runtime(settings=settings, sessions=sessions))
+    app = make_app(Runtime(settings=settings, sessions=sessions))
 
     def database_restarting(*args: object, **kwargs: object) -> list[int]:
         raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
@@ -221,7 +224,7 @@ def test_a_job_whose_database_went_away_is_sent_again_at_once_not_as_a_countdown
     monkeypatch.setattr(worker.tasks, "process_study", database_restarting)
     published: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     monkeypatch.setattr(Celery, "send_task", lambda self, *a, **kw: published.append((a, kw)))
-    worker.tasks.process_study_task.apply(args=["j" * 32])
+    app.tasks[names.PROCESS_STUDY].apply(args=["j" * 32])
     ((args, kwargs),) = published
     assert args == ("cxr.process_study",) and kwargs["args"] == ["j" * 32]
     assert kwargs.get("countdown") is None and kwargs.get("eta") is None
