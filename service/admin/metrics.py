@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.admin import health
+from service.admin.notifications import NotificationCollector
 from service.core.models import Delivery, Job
 from service.core.queue import queue_depth
 from service.core.settings import Settings
@@ -147,6 +148,7 @@ class GatewayCollector(Collector):
 def make_registry(settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(settings, sessions, celery))
+    registry.register(NotificationCollector(sessions))
     return registry
 
 
