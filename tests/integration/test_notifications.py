@@ -224,3 +224,83 @@ def test_a_rerun_with_the_same_result_notifies_nobody_again(tmp_path: Path) -> N
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def test_the_whole_path_from_a_cstore_to_every_channel(tmp_path: Path, shared_dir: Path) -> None:
+    """A chest film C-STORE'd to the running gateway (``serve``: listener, worker, dashboard): the worker's
+    result fires the rule, the rows are written with it, the listener's scheduler sends them by name, the
+    worker's task sends each on its channel; the RIS ACKs, the FHIR server fails once then takes it, the
+    webhook receiver verifies the signature; the dashboard lists all three sent, /metrics counts them."""
+    import httpx
+    from pydicom import dcmread
+
+    from tests.support.dcmtk import storescu
+    from tests.support.gateway import GatewayProcesses
+
+    secret = tmp_path / "hook-secret"
+    secret.write_text("whole-path-secret")
+    source = shared_dir / "dicom" / "chest" / "cr-pa-mono1-explicit-le.dcm"
+
+    def check(headers: dict[str, str], body: bytes) -> bool:
+        return webhook.verify(
+            b"whole-path-secret",
+            headers[webhook.TIMESTAMP_HEADER.lower()],
+            body,
+            headers[webhook.SIGNATURE_HEADER.lower()],
+            datetime.now(UTC),
+        )
+
+    with (
+        MllpListener(["AA"]) as ris,
+        HttpReceiver([500, 201]) as ehr,
+        HttpReceiver([200], verify=check) as hook,
+    ):
+        channels = [
+            _hl7(ris.port),
+            _fhir(ehr.url),
+            {"type": "webhook", "name": "oncall", "url": hook.url + "/hook", "secret_file": str(secret)},
+        ]
+        # min_score 0: the rule fires on any analysed film, whatever the model scores.
+        rules = [{"name": "ptx", "finding": "Pneumothorax", "min_score": 0.0, "priority": "stat"}]
+        env = {
+            "CXR_NOTIFY_RULES": json.dumps(rules),
+            "CXR_NOTIFY_CHANNELS": json.dumps(channels),
+            "CXR_NOTIFY_RETRY_BASE_SECONDS": "1",
+        }
+        with GatewayProcesses(tmp_path / "gw", commands=("serve",), env=env) as gw:
+            try:
+                sent = storescu("127.0.0.1", gw.listener_port, [source], called_aet=gw.ae_title)
+                assert sent.returncode == 0, sent.stdout + sent.stderr
+                deadline = time.monotonic() + 240
+                rows: list[dict[str, Any]] = []
+                while time.monotonic() < deadline:
+                    rows = gw.api("/api/notifications")
+                    if len(rows) == 3 and all(r["status"] == "sent" for r in rows):
+                        break
+                    time.sleep(0.5)
+                assert sorted((r["channel"], r["status"]) for r in rows) == [
+                    ("ehr", "sent"),
+                    ("oncall", "sent"),
+                    ("ris", "sent"),
+                ], rows
+                [job] = gw.api("/api/jobs")["items"]
+                metrics = httpx.get(f"{gw.dashboard_url}/metrics", auth=gw.admin, timeout=10).text
+            except BaseException:
+                print(gw.log_tail(200))
+                raise
+    by_channel = {r["channel"]: r for r in rows}
+    assert by_channel["ehr"]["attempts"] == 2  # 500, then 201
+    assert by_channel["ris"]["attempts"] == by_channel["oncall"]["attempts"] == 1
+    [message] = ris.received
+    assert ris.errors == []
+    order = message.message.oru_r01_patient_result.oru_r01_order_observation
+    src = dcmread(source, stop_before_pixels=True)
+    assert order.obr.obr_18.value == str(src.AccessionNumber)
+    assert order.oru_r01_observation[3].obx.obx_5.value == src.StudyInstanceUID
+    assert [r.verified for r in hook.requests] == [True]
+    assert json.loads(hook.requests[0].body)["job_id"] == job["id"]
+    assert 'cxr_notifications{channel="ris",status="sent"} 1.0' in metrics
+    assert 'cxr_notification_attempts_total{channel="ehr",outcome="failed_retrying"} 1.0' in metrics
+    finished = datetime.fromisoformat(job["stages"]["finished_at"])
+    latency = {r["channel"]: (datetime.fromisoformat(r["sent_at"]) - finished).total_seconds() for r in rows}
+    print(f"result -> sent latency (s): {latency}")
