@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.admin import actions, pages
-from service.admin.deps import DB, Admin, Client, Ctx, User
+from service.admin.auth import Principal
+from service.admin.deps import DB, Admin, Client, Context, Ctx, User
 from service.core.models import Notification, NotificationAttempt
 from service.core.notifications import NotificationStatus
 from service.notify.dispatch import replay
@@ -73,7 +74,7 @@ def _list(session: Session, status: str | None, job_id: str | None, limit: int) 
     return list(session.scalars(stmt))
 
 
-def _replay(ctx: Any, notification_id: int, admin: Any, client: str) -> Notification:
+def _replay(ctx: Context, notification_id: int, admin: Principal, client: str) -> Notification:
     with ctx.sessions.begin() as session:
         row = session.get(Notification, notification_id)
         if row is None:

@@ -101,7 +101,7 @@ def create_for_job(
             if session.scalar(select(Notification.id).where(*same, Notification.result_digest == key)):
                 continue
             revision = session.scalar(select(func.count()).select_from(Notification).where(*same)) or 0
-            row = Notification(
+            new = Notification(
                 job_id=job_id,
                 rule=hit.rule.name,
                 channel=name,
@@ -115,9 +115,9 @@ def create_for_job(
                 created_at=now,
                 updated_at=now,
             )
-            session.add(row)
+            session.add(new)
             session.flush()
-            created.append(row.id)
+            created.append(new.id)
     if created:
         log.info("job=%s notifications created=%d", job_id, len(created))
     return created
