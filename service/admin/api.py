@@ -16,11 +16,10 @@ from sqlalchemy import select
 
 from service.admin import actions, health, previews
 from service.admin.auth import Principal
-from service.admin.deps import DB, Admin, Client, Context, Ctx, User
+from service.admin.deps import DB, Admin, Client, Context, Ctx, User, job_or_404
 from service.admin.queries import (
     JobFilter,
     delivery_out,
-    get_job,
     heatmap_paths,
     job_detail,
     job_out,
@@ -81,18 +80,14 @@ def api_jobs(
 def api_job(job_id: str, session: DB, ctx: Ctx) -> JobDetailOut:
     """One job: timeline events, per-image gate decisions, values and finding regions, image URLs,
     deliveries."""
-    job = get_job(session, job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="job not found")
+    job = job_or_404(session, job_id)
     return job_detail(session, job, ctx.settings.output_dir, ctx.settings.viewer_url)
 
 
 @router.get("/jobs/{job_id}/patient", response_model=PatientOut, tags=["jobs"])
 def api_job_patient(job_id: str, session: DB, admin: Admin, client: Client) -> PatientOut:
     """The study's patient name, ID and accession number (admins only; every call is audited)."""
-    job = get_job(session, job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="job not found")
+    job = job_or_404(session, job_id)
     actions.audit(session, admin, "reveal_patient", target_type="job", target_id=job_id, client=client)
     session.commit()
     study = job.study
@@ -109,9 +104,7 @@ def api_job_patient(job_id: str, session: DB, admin: Admin, client: Client) -> P
 )
 def api_heatmap(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
     """The n-th heatmap Secondary Capture of the job, rendered as PNG."""
-    job = get_job(session, job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="job not found")
+    job = job_or_404(session, job_id)
     paths = heatmap_paths(job, ctx.settings.output_dir)
     if not 0 <= n < len(paths) or not paths[n].is_file():
         raise HTTPException(status_code=404, detail="no such heatmap")
@@ -127,9 +120,7 @@ def api_heatmap(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
 def api_source_image(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
     """The job's n-th analysed image (``images`` of its result) as a downscaled greyscale PNG (long side
     at most 512 px), read from the spool: the picture the finding regions are drawn on."""
-    job = get_job(session, job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="job not found")
+    job = job_or_404(session, job_id)
     found = source_image(session, job, n, ctx.settings.spool_dir)
     if found is None:
         raise HTTPException(status_code=404, detail="no such source image")
@@ -149,8 +140,7 @@ def api_requeue(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> RequeueO
     except actions.ActionError as exc:
         raise _fail(exc) from exc
     with ctx.sessions() as session:
-        job = get_job(session, new_id)
-        assert job is not None
+        job = job_or_404(session, new_id)
         return RequeueOut(requeued_from=job_id, job=job_out(job, ctx.settings.viewer_url))
 
 
@@ -162,8 +152,7 @@ def api_cancel(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> JobOut:
     except actions.ActionError as exc:
         raise _fail(exc) from exc
     with ctx.sessions() as session:
-        job = get_job(session, job_id)
-        assert job is not None
+        job = job_or_404(session, job_id)
         return job_out(job, ctx.settings.viewer_url)
 
 

@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.admin.auth import Accounts, LoginThrottle, Principal
 from service.admin.guard import client_address, principal_of
+from service.admin.queries import get_job
+from service.core.models import Job
 from service.core.settings import Settings
 
 
@@ -62,3 +64,11 @@ DB = Annotated[Session, Depends(get_session)]
 User = Annotated[Principal, Depends(current_user)]
 Admin = Annotated[Principal, Depends(require_admin)]
 Client = Annotated[str, Depends(get_client)]
+
+
+def job_or_404(session: Session, job_id: str) -> Job:
+    """The job with its study, or the 404 every job route answers for an unknown id."""
+    job = get_job(session, job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail="job not found")
+    return job

@@ -17,9 +17,9 @@ from sqlalchemy import select
 
 from service.admin import actions, health
 from service.admin.api import upload_file
-from service.admin.deps import DB, Admin, Client, Ctx, User
+from service.admin.deps import DB, Admin, Client, Ctx, User, job_or_404
 from service.admin.guard import client_address, csrf_token, principal_of
-from service.admin.queries import JobFilter, filter_choices, get_job, job_detail, list_jobs
+from service.admin.queries import JobFilter, filter_choices, job_detail, list_jobs
 from service.core.models import Delivery, Job, Study
 from service.core.palette import region_colour_hex
 from service.core.status import DeliveryStatus, JobStatus
@@ -242,9 +242,7 @@ def jobs_rows(request: Request, session: DB, user: User, query: JobList) -> HTML
 
 def _job_context(request: Request, session: DB, job_id: str) -> dict[str, Any]:
     ctx = request.app.state.ctx
-    job = get_job(session, job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="job not found")
+    job = job_or_404(session, job_id)
     detail = job_detail(session, job, ctx.settings.output_dir, ctx.settings.viewer_url)
     info = health.bundle_info(ctx.settings.model_bundle)
     points = info.operating_points if info else {}

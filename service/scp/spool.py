@@ -26,24 +26,6 @@ def relative_path(study_uid: str, sop_instance_uid: str, digest: str | None = No
     return Path(study[:2]) / study / f"{name}.dcm"
 
 
-def write_durably(root: Path, rel: Path, data: bytes) -> Path:
-    """Write ``data`` to ``root/rel`` atomically and fsync file and directory before returning."""
-    target = root / rel
-    _make_dirs_durably(target.parent)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
-    return target
-
-
 def sha256_file(path: Path) -> str:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -19,13 +19,6 @@ def test_paths_are_stable_and_distinct() -> None:
     assert spool.relative_path("1.2", "1.2.3") != spool.relative_path("1.2", "1.2.4")
 
 
-def test_write_is_atomic_and_leaves_no_partials(tmp_path: Path) -> None:
-    rel = spool.relative_path("1.2", "1.2.3")
-    target = spool.write_durably(tmp_path, rel, b"DICM" * 10)
-    assert target.read_bytes() == b"DICM" * 10
-    assert [p.name for p in target.parent.iterdir()] == [target.name]
-
-
 def test_content_addressed_names_keep_different_copies_apart() -> None:
     a = spool.relative_path("1.2", "1.2.3", "a" * 64)
     b = spool.relative_path("1.2", "1.2.3", "b" * 64)
