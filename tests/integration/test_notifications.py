@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,17 @@ def test_hl7_peer_down_is_retried(tmp_path: Path) -> None:
     assert (_row(sessions, row_id).last_error or "").startswith("hl7_unreachable")
 
 
+def _verifier(secret: bytes) -> Callable[[dict[str, str], bytes], bool]:
+    """What a webhook receiver checks: the HMAC over timestamp and body, and a recent timestamp."""
+
+    def check(headers: dict[str, str], body: bytes) -> bool:
+        timestamp = headers[webhook.TIMESTAMP_HEADER.lower()]
+        given = headers[webhook.SIGNATURE_HEADER.lower()]
+        return webhook.verify(secret, timestamp, body, given, datetime.now(UTC))
+
+    return check
+
+
 def _fhir(url: str) -> dict[str, Any]:
     return {"type": "fhir", "name": "ehr", "url": url + "/fhir", "timeout_seconds": 5}
 
@@ -177,15 +189,7 @@ def test_webhook_is_signed_and_verified_by_the_receiver(tmp_path: Path) -> None:
     secret = tmp_path / "hook-secret"
     secret.write_text("a-long-shared-secret\n")
 
-    def check(headers: dict[str, str], body: bytes) -> bool:
-        return webhook.verify(
-            b"a-long-shared-secret",
-            headers[webhook.TIMESTAMP_HEADER.lower()],
-            body,
-            headers[webhook.SIGNATURE_HEADER.lower()],
-            datetime.now(UTC),
-        )
-
+    check = _verifier(b"a-long-shared-secret")
     with HttpReceiver([200], verify=check) as server:
         channel = {
             "type": "webhook",
@@ -241,15 +245,7 @@ def test_the_whole_path_from_a_cstore_to_every_channel(tmp_path: Path, shared_di
     secret.write_text("whole-path-secret")
     source = shared_dir / "dicom" / "chest" / "cr-pa-mono1-explicit-le.dcm"
 
-    def check(headers: dict[str, str], body: bytes) -> bool:
-        return webhook.verify(
-            b"whole-path-secret",
-            headers[webhook.TIMESTAMP_HEADER.lower()],
-            body,
-            headers[webhook.SIGNATURE_HEADER.lower()],
-            datetime.now(UTC),
-        )
-
+    check = _verifier(b"whole-path-secret")
     with (
         MllpListener(["AA"]) as ris,
         HttpReceiver([500, 201]) as ehr,
