@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
@@ -23,7 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.orthanc import OrthancServer, orthanc_binary  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.peers import PEERS, in_ci, install_hint, missing_peers, require_peer, unavailable  # noqa: E402
+
+__all__ = ["SHARED_DIR", "in_ci", "unavailable"]
 
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
@@ -39,18 +42,36 @@ REDIS_TEST_DBS = range(5, 15)
 REDIS_LOCK_DB = 15
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip locally, fail in CI."""
-    if in_ci():
-        pytest.fail(f"{message} (CI=true: missing infrastructure is an error)", pytrace=False)
-    pytest.skip(message)
-
-
 # ---------------------------------------------------------------------------------------------- hooks
+
+
+def _missing_peers_line() -> str | None:
+    missing = missing_peers()
+    if not missing:
+        return None
+    names = "; ".join(f"{name} ({PEERS[name].what})" for name in missing)
+    return f"missing peers: {names}. Install: {install_hint(missing)}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Under CI a missing peer is a broken machine: one message, not one failure per test that needs it.
+    line = _missing_peers_line()
+    if line and in_ci():
+        pytest.exit(
+            f"{line} (CI=true: missing infrastructure is an error)", returncode=pytest.ExitCode.USAGE_ERROR
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    line = _missing_peers_line()
+    return f"{line}; tests that need them are skipped" if line else None
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    line = _missing_peers_line()
+    if line:
+        terminalreporter.write_sep("=", "missing peers", yellow=True)
+        terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -119,8 +140,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
 
     Work dirs live under tmp_path (kept by pytest for post-mortems); all servers stop at teardown.
     """
-    if orthanc_binary() is None:
-        unavailable("Orthanc binary not found (apt-get install orthanc)")
+    require_peer("orthanc")
     factory = _OrthancFactory(tmp_path)
     try:
         yield factory

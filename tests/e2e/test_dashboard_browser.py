@@ -19,9 +19,9 @@ from tests.conftest import unavailable
 from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
+from tests.support.peers import CHROMIUM, require_peer
 from tests.support.studies import with_fresh_uids
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -41,8 +41,7 @@ def browser() -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         unavailable("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    if not Path(CHROMIUM).exists():
-        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    require_peer("chromium")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

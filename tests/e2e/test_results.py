@@ -4,7 +4,6 @@ a destination that goes away and comes back, and one that refuses until an admin
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,17 @@ from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
+from tests.support.peers import tool
 from tests.support.studies import with_fresh_uids
+from tests.support.waiting import wait_until
 from worker.inference.bundle import load_bundle
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the measurement report
 REPORT = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: the results (and not-analysed) report
 SC = "1.2.840.10008.5.1.4.1.1.7"
 PER_IMAGE = 3  # the default outputs: measurement SR, results SR, heatmap SC
+# The listener's line for a re-sent identical instance (service.scp.intake).
+DUPLICATE_LOGGED = "duplicate instance ignored"
 CHEST_FILES = [
     "cr-pa-mono1-explicit-le.dcm",
     "cr-pa-mono1-j2k-lossless.dcm",
@@ -62,6 +65,14 @@ def _by_study(orthanc: OrthancServer, tmp_path: Path) -> dict[str, list[Any]]:
     return out
 
 
+def _settled(jobs: list[dict[str, Any]], count: int, status: str) -> bool:
+    """``count`` jobs, each finished as ``status`` with every delivery delivered: nothing more is sent."""
+    return len(jobs) == count and all(
+        j["status"] == status and j["deliveries"] and all(d["status"] == "delivered" for d in j["deliveries"])
+        for j in jobs
+    )
+
+
 def gateway_result(gw: GatewayProcesses, source: Any) -> dict[str, Any]:
     """The job result's entry for ``source`` (a dataset), from the gateway's API."""
     for job in gw.api("/api/jobs")["items"]:
@@ -73,7 +84,7 @@ def gateway_result(gw: GatewayProcesses, source: Any) -> dict[str, Any]:
 
 def _dsrdump(path: str) -> str:
     return subprocess.run(
-        ["/usr/bin/dsrdump", "+Pt", path], capture_output=True, text=True, check=True
+        [tool("dsrdump", "dcmtk"), "+Pt", path], capture_output=True, text=True, check=True
     ).stdout
 
 
@@ -121,15 +132,14 @@ def test_non_chest_input_gets_a_not_analysed_sr(
 ) -> None:
     sources = [shared_dir / "dicom/not-chest/cr-tibia-j2k-lossless.dcm"]
     _send(gateway, sources)
-    orthanc.wait_for_instances(1, timeout=120)
-    time.sleep(2)  # nothing else may arrive
+    # Settled (skipped, its report delivered): the gateway sends nothing more for this study after that.
+    (job,) = gateway.wait_for_jobs(lambda js: _settled(js, 1, "skipped"))
+    assert job["reason_code"] == "not_chest"
     studies = _by_study(orthanc, tmp_path)
     (outputs,) = studies.values()
     assert [str(d.SOPClassUID) for d in outputs] == [REPORT]
     assert dciodvfy_errors(Path(outputs[0].filename)) == []
     assert "not_chest" in _dsrdump(outputs[0].filename)
-    (job,) = gateway.wait_for_jobs(lambda js: js and js[0]["status"] == "skipped")
-    assert job["reason_code"] == "not_chest"
 
 
 def test_rerun_replaces_instead_of_duplicating(
@@ -146,14 +156,19 @@ def test_rerun_replaces_instead_of_duplicating(
         shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossy.dcm", tmp_path / "b.dcm", study_uid=study_uid
     )
     _send(gateway, [second])
-    gateway.wait_for_jobs(lambda js: len(js) == 2 and all(j["status"] == "done" for j in js))
-    ids = orthanc.wait_for_instances(2 * PER_IMAGE, timeout=120)
-    time.sleep(3)
-    assert len(orthanc.instances()) == 2 * PER_IMAGE == len(ids)
-    # And sending the very same instances again changes nothing at all.
+    # Both jobs settled: every output of the re-run is in the PACS, and nothing more is on its way.
+    jobs = gateway.wait_for_jobs(lambda js: _settled(js, 2, "done"))
+    assert sorted(len(j["deliveries"]) for j in jobs) == [PER_IMAGE, 2 * PER_IMAGE]
+    assert len(orthanc.instances()) == 2 * PER_IMAGE
+    # And sending the very same instances again changes nothing at all. A job is made (or not) while the
+    # listener answers the C-STORE, so once it has logged both as duplicates there is nothing left to come.
     _send(gateway, [first, second])
-    time.sleep(4)
-    assert len(gateway.api("/api/jobs")["items"]) == 2
+    wait_until(
+        lambda: gateway.log_text().count(DUPLICATE_LOGGED) == 2,
+        30,
+        "both re-sent instances seen as duplicates",
+    )
+    assert gateway.api("/api/jobs")["items"] == jobs
     assert len(orthanc.instances()) == 2 * PER_IMAGE
 
 

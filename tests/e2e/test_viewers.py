@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import SHARED_DIR, unavailable
-from tests.support.dcmtk import dcmtk_available, storescu
+from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
-from tests.support.orthanc import DICOMWEB_PLUGIN, WEBVIEWER_PLUGIN, OrthancServer, orthanc_binary
+from tests.support.orthanc import OrthancServer
+from tests.support.peers import require_peer
 from tests.support.studies import with_fresh_uids
 from tests.support.viewers import (
-    CHROMIUM,
     OhifPage,
     OrthancWebViewerPage,
     Screenshots,
@@ -110,17 +110,9 @@ def _require_peers() -> Path:
     dist = ohif_dist()
     if not (dist / "index.html").is_file():
         unavailable(f"OHIF's dist is missing at {dist} (make test unpacks @ohif/app; or set CXR_OHIF_DIST)")
-    if orthanc_binary() is None:
-        unavailable("Orthanc binary not found (apt-get install orthanc)")
-    for plugin, package in ((DICOMWEB_PLUGIN, "orthanc-dicomweb"), (WEBVIEWER_PLUGIN, "orthanc-webviewer")):
-        if not plugin.is_file():
-            unavailable(f"{plugin} is missing (apt-get install {package})")
-    if not dcmtk_available():
-        unavailable("DCMTK storescu not found (apt-get install dcmtk)")
+    require_peer("orthanc", "orthanc-dicomweb", "orthanc-webviewer", "dcmtk", "chromium")
     if not SHARED_DIR.is_dir():
         unavailable(f"shared data directory {SHARED_DIR} is absent")
-    if not Path(CHROMIUM).exists():
-        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
     try:
         import playwright  # noqa: F401
     except ImportError:

@@ -307,10 +307,7 @@ def test_the_guard_holds_on_the_tls_port(tmp_path: Path, staging: Path) -> None:
     from tests.support.ingest import make_pki
     from tests.support.net import free_port
 
-    try:
-        pki = make_pki(tmp_path / "pki")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    pki = make_pki(tmp_path / "pki")  # needs openssl: skipped locally, failed under CI without it
     settings = _settings(
         tmp_path,
         listener_tls_port=free_port(),

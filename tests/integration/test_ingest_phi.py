@@ -149,10 +149,9 @@ def test_listener_never_logs_patient_data(
 @pytest.fixture(scope="module")
 def serve_logs(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> list[str]:
     """One canary study through ``cxr-gateway serve`` to an Orthanc destination; the processes' log lines."""
-    from tests.support.orthanc import orthanc_binary
+    from tests.support.peers import require_peer
 
-    if orthanc_binary() is None:
-        pytest.skip("Orthanc binary not found (apt-get install orthanc)")
+    require_peer("orthanc")
     tmp_path = tmp_path_factory.mktemp("phi-serve")
     path = tmp_path / "canary.dcm"
     _canary(shared_dir).save_as(path, enforce_file_format=True)

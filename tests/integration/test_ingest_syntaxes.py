@@ -20,6 +20,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, generate_uid
 from service.scp.server import Listener
 from tests.support.dcmtk import storescu
 from tests.support.ingest import ingest_settings, instances, running_listener
+from tests.support.peers import tool
 
 SOURCE = "dicom/chest/cr-pa-mono1-explicit-le.dcm"
 
@@ -36,10 +37,10 @@ class Variant:
 
 def _dcmtk(*args: str) -> Callable[[Path, Path], None]:
     def make(src: Path, dst: Path) -> None:
-        tool, *options = args
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} (dcmtk) not installed")
-        subprocess.run([tool, *options, str(src), str(dst)], check=True, capture_output=True, timeout=120)
+        name, *options = args
+        subprocess.run(
+            [tool(name, "dcmtk"), *options, str(src), str(dst)], check=True, capture_output=True, timeout=120
+        )
 
     return make
 

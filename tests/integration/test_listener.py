@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import time
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from service.core.status import JobStatus
 from service.scp.server import Listener
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -53,8 +54,9 @@ def test_echo(listener: Listener, settings: Settings) -> None:
 
 
 def test_store_is_durable_and_queues_one_job_after_quiet(
-    listener: Listener, settings: Settings, shared_dir: Path
+    listener: Listener, settings: Settings, shared_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="service.scp.intake")
     source = shared_dir / "dicom" / "chest" / "cr-pa-mono1-explicit-le.dcm"
     result = storescu("127.0.0.1", settings.listener_port, [source], called_aet=settings.listener_ae_title)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,10 +71,7 @@ def test_store_is_durable_and_queues_one_job_after_quiet(
     assert dcmread(spooled).PixelData == dcmread(source).PixelData
     assert str(dcmread(source).SOPInstanceUID) not in str(spooled)
 
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not _broker_messages(settings):
-        time.sleep(0.1)
-    assert len(_broker_messages(settings)) == 1
+    assert len(wait_until(lambda: _broker_messages(settings), 10, "the job's message on the broker")) == 1
     with listener.sessions() as session:
         job = session.scalars(select(Job)).one()
         assert job.status == JobStatus.QUEUED
@@ -83,7 +82,13 @@ def test_store_is_durable_and_queues_one_job_after_quiet(
     # The same instance again: success, stored once, no second job.
     again = storescu("127.0.0.1", settings.listener_port, [source], called_aet=settings.listener_ae_title)
     assert again.returncode == 0
-    time.sleep(1.0)
+    # A job is made (or not) while the listener answers the C-STORE: once it has logged the re-send as a
+    # duplicate, nothing more can come of it.
+    wait_until(
+        lambda: any("duplicate instance ignored" in r.getMessage() for r in caplog.records),
+        10,
+        "the re-sent instance seen as a duplicate",
+    )
     with listener.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 1
         assert session.scalar(select(func.count()).select_from(Job)) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import redis
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import free_port, wait_for_port
 from tests.support.orthanc import OrthancServer
+from tests.support.peers import tool
 
 CR_EXPLICIT = "dicom/chest/cr-pa-mono1-explicit-le.dcm"
 CR_J2K = "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"
@@ -57,14 +57,13 @@ def test_storescu_auto_proposal_keeps_compressed_syntaxes(orthanc: OrthancServer
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp as an external AE "PEER" accepting every transfer syntax; yields (port, out dir)."""
-    if shutil.which("storescp") is None:
-        pytest.skip("storescp (dcmtk) not installed")
+    storescp_bin = tool("storescp", "dcmtk")
     out = tmp_path / "received"
     out.mkdir()
     port = free_port()
     log = (tmp_path / "storescp.log").open("wb")
     proc = subprocess.Popen(
-        ["storescp", "-v", "-aet", "PEER", "+xa", "-od", str(out), str(port)], stdout=log, stderr=log
+        [storescp_bin, "-v", "-aet", "PEER", "+xa", "-od", str(out), str(port)], stdout=log, stderr=log
     )
     try:
         wait_for_port("127.0.0.1", port, timeout=10)

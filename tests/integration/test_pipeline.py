@@ -111,18 +111,10 @@ def test_a_decode_over_the_time_limit_is_killed_recorded_not_fatal(
     runtime: Runtime, shared_dir: Path
 ) -> None:
     """A real codec (JPEG 2000, 3.6 Mpx: far longer than 50 ms) is killed at the limit; the job goes on."""
-    import time as _time
-
     runtime.settings.decode_timeout_seconds = 0.05
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
-    t0 = _time.monotonic()
     process_study(job_id, runtime)
-    assert _time.monotonic() - t0 < 30  # the decoder's start-up, not the decode
-    with runtime.sessions() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        assert job.status == JobStatus.SKIPPED
-        assert job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT
+    _assert_ran_then_skipped_on_the_decode_limit(runtime, job_id)
 
 
 def test_studies_run_as_threads_share_forward_passes(tmp_path: Path, shared_dir: Path) -> None:
@@ -174,18 +166,33 @@ def test_studies_run_as_threads_share_forward_passes(tmp_path: Path, shared_dir:
 def test_the_decode_limit_holds_in_a_thread_pool_worker(runtime: Runtime, shared_dir: Path) -> None:
     """No SIGALRM outside the main thread: the decoder process is killed at the limit all the same."""
     import threading
-    import time as _time
 
     runtime.settings.decode_timeout_seconds = 0.05
     job_id = enqueue_files(runtime, [shared_dir / "dicom/chest/cr-pa-mono1-j2k-lossless.dcm"])
     worker_thread = threading.Thread(target=lambda: process_study(job_id, runtime))
-    t0 = _time.monotonic()
     worker_thread.start()
-    worker_thread.join(60)
-    assert not worker_thread.is_alive() and _time.monotonic() - t0 < 30
-    with runtime.sessions() as s:
+    worker_thread.join(120)
+    assert not worker_thread.is_alive()
+    _assert_ran_then_skipped_on_the_decode_limit(runtime, job_id)
+
+
+def _assert_ran_then_skipped_on_the_decode_limit(rt: Runtime, job_id: str) -> None:
+    """The job's recorded history, not the wall clock (a slow machine is no failure): it ran, then was
+    skipped for the decode limit, in that order, and nothing came after."""
+    with rt.sessions() as s:
         job = s.get(Job, job_id)
-        assert job is not None and job.reason_code == ReasonCode.PIXEL_DECODE_TIMEOUT
+        assert job is not None
+        assert (job.status, job.reason_code) == (JobStatus.SKIPPED, ReasonCode.PIXEL_DECODE_TIMEOUT)
+        events = s.execute(
+            select(JobEvent.status, JobEvent.reason_code, JobEvent.at)
+            .where(JobEvent.job_id == job_id)
+            .order_by(JobEvent.id)
+        ).all()
+    assert [(e.status, e.reason_code) for e in events[-2:]] == [
+        (JobStatus.RUNNING, None),
+        (JobStatus.SKIPPED, ReasonCode.PIXEL_DECODE_TIMEOUT),
+    ]
+    assert events[-2].at <= events[-1].at
 
 
 def test_two_runs_of_one_job_at_once_end_in_one_result(runtime: Runtime, shared_dir: Path) -> None:

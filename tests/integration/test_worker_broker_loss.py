@@ -25,18 +25,15 @@ from service.core.db import make_session_factory, migrate
 from service.core.models import Worker
 from service.core.settings import load_settings
 from service.core.workers import WorkerState, state
-from tests.support.redis_server import RedisServer, redis_server_binary
+from tests.support.peers import require_peer
+from tests.support.redis_server import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_peer("redis-server")
     server = RedisServer(tmp_path / "redis", appendfsync="always").start()
     try:
         yield server

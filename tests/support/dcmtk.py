@@ -13,7 +13,6 @@ uncompressed fallback context per SOP class.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydicom.filereader import read_file_meta_info
+
+from tests.support.peers import is_present, tool
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -35,14 +36,11 @@ Propose = Literal["auto", "storescu"]
 
 
 def dcmtk_available() -> bool:
-    return shutil.which("storescu") is not None and shutil.which("echoscu") is not None
+    return is_present("dcmtk")
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise FileNotFoundError(f"{name} not found on PATH (apt-get install dcmtk)")
-    return path
+    return tool(name, "dcmtk")
 
 
 def _caller_chose_proposal(extra_args: Sequence[str]) -> bool:

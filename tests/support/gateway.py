@@ -9,7 +9,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 
 from tests.support.net import free_port, port_open
+from tests.support.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,18 +92,20 @@ class GatewayProcesses:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-        deadline = time.monotonic() + timeout
         want_listener = {"serve", "listener"} & set(self.commands)
         want_dashboard = {"serve", "dashboard"} & set(self.commands)
-        while time.monotonic() < deadline:
-            self._check_alive()
-            ok = (not want_listener or port_open("127.0.0.1", self.listener_port)) and (
-                not want_dashboard or self._healthy()
-            )
-            if ok:
-                return self
-            time.sleep(0.3)
-        raise TimeoutError(f"gateway did not start in {timeout}s:\n{self.log_tail()}")
+        wait_until(
+            lambda: (
+                (not want_listener or port_open("127.0.0.1", self.listener_port))
+                and (not want_dashboard or self._healthy())
+            ),
+            timeout,
+            "the gateway started",
+            interval=0.3,
+            check=self._check_alive,
+            detail=self.log_tail,
+        )
+        return self
 
     def _healthy(self) -> bool:
         try:
@@ -127,15 +129,22 @@ class GatewayProcesses:
         return httpx.post(f"{self.dashboard_url}{path}", auth=auth or self.admin, timeout=30, **kwargs)
 
     def wait_for_jobs(self, predicate: Any, timeout: float = 120) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        jobs: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            self._check_alive()
-            jobs = self.api("/api/jobs")["items"]
-            if predicate(jobs):
-                return jobs
-            time.sleep(0.5)
-        raise TimeoutError(f"jobs never matched: {jobs}\n{self.log_tail()}")
+        seen: list[list[dict[str, Any]]] = [[]]
+
+        def matching() -> list[dict[str, Any]] | None:
+            seen[0] = self.api("/api/jobs")["items"]
+            return seen[0] if predicate(seen[0]) else None
+
+        found = wait_until(
+            matching,
+            timeout,
+            "jobs matching the predicate",
+            interval=0.5,
+            check=self._check_alive,
+            detail=lambda: f"last jobs: {seen[0]}\n{self.log_tail()}",
+        )
+        assert found is not None
+        return found
 
     def log_text(self) -> str:
         return "\n".join(

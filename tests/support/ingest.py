@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,8 @@ from service.core.models import Instance, Job
 from service.core.settings import Settings, load_settings
 from service.scp.server import Listener
 from tests.support.net import free_port
+from tests.support.peers import require_peer
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -76,14 +76,7 @@ def jobs(listener: Listener) -> list[Job]:
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s (last value {value!r})")
-        time.sleep(interval)
+    return wait_until(predicate, timeout, "condition", interval=interval)
 
 
 def spool_files(settings: Settings) -> list[Path]:
@@ -218,8 +211,7 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
 
 def make_pki(directory: Path) -> Pki:
     """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a rogue client."""
-    if shutil.which("openssl") is None:
-        raise FileNotFoundError("openssl CLI not found")
+    require_peer("openssl")
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = _ca(directory, "test-ca")
     server_cert, server_key = _issue(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-import time
+
+from tests.support.waiting import wait_until
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,10 +30,4 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
     """Block until host:port accepts TCP connections; TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if port_open(host, port):
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.1f}s")
-        time.sleep(0.05)
+    wait_until(lambda: port_open(host, port), timeout, f"something listening on {host}:{port}", interval=0.05)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import httpx
 
 from tests.support.net import free_port, wait_for_port
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -452,16 +453,19 @@ class OrthancServer:
 
         Raises TimeoutError (with Orthanc's log tail) after `timeout` seconds, OrthancError if Orthanc died.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
+
+        def alive() -> None:
             if self._proc is not None and self._proc.poll() is not None:
                 raise OrthancError(f"Orthanc died while waiting for {message}; log:\n{self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{message} not met within {timeout}s; Orthanc log:\n{self.log_tail()}")
-            time.sleep(interval)
+
+        return wait_until(
+            predicate,
+            timeout,
+            message,
+            interval=interval,
+            check=alive,
+            detail=lambda: f"Orthanc log:\n{self.log_tail()}",
+        )
 
     def wait_for_instances(self, count: int, timeout: float = 30.0) -> list[str]:
         """Wait until at least `count` instances are stored; return their ids."""

@@ -47,10 +47,11 @@ from typing import Any
 import httpx
 
 from tests.support.net import free_port
+from tests.support.peers import CHROMIUM
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROXY_SCRIPT = REPO_ROOT / "deploy" / "demo" / "viewer_proxy.py"
-CHROMIUM = "/usr/bin/chromium"
+
 # Headless Chromium as in tests/e2e/test_dashboard_browser.py, with a software WebGL (SwiftShader through
 # ANGLE) instead of --disable-gpu: OHIF's cornerstone renders with WebGL only.
 CHROMIUM_ARGS = [

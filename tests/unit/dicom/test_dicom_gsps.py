@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from copy import deepcopy
 from dataclasses import replace
@@ -16,6 +15,7 @@ from PIL import Image
 
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.paths import CHEST_DICOM
+from tests.support.peers import tool
 from worker.dicom.codes import AI_DISCLAIMER, value_name
 from worker.dicom.gsps import (
     CONTENT_LABEL,
@@ -297,15 +297,14 @@ def test_window_and_voi_lut_are_carried_over(shared_dir: Path) -> None:
 
 def test_dcmtk_renders_the_source_as_it_looks_alone(shared_dir: Path, tmp_path: Path) -> None:
     """Under the GSPS (INVERSE + the source's window) DCMTK renders the MONOCHROME1 CR as it does without."""
-    if shutil.which("dcmp2pgm") is None:
-        pytest.skip("DCMTK's dcmp2pgm is not installed")
+    dcmp2pgm = tool("dcmp2pgm", "dcmtk")
     image = CHEST_DICOM / CR
     pstate = _save(_build(_read(CR)), tmp_path / "gsps.dcm")
 
     def render(*options: str) -> npt.NDArray[np.float64]:
         out = tmp_path / f"render{len(options)}.pgm"
         subprocess.run(
-            ["dcmp2pgm", *options, str(image), str(out)], check=True, capture_output=True, timeout=120
+            [dcmp2pgm, *options, str(image), str(out)], check=True, capture_output=True, timeout=120
         )
         return np.asarray(Image.open(out), dtype=np.float64)
 
