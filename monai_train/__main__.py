@@ -118,6 +118,19 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pos-weight-max", type=float, default=20.0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument(
+        "--low-res",
+        type=int,
+        default=0,
+        help="resolution matching: pool this share (--low-res-prob) of training images to N px and back",
+    )
+    p.add_argument("--low-res-prob", type=float, default=0.5)
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.0,
+        help="weight of a BCE towards --reference-predictions on the training images it covers (0: off)",
+    )
+    p.add_argument(
         "--split", type=_fractions, default=(0.7, 0.1, 0.2), help="train,val,test patient fractions"
     )
     p.add_argument("--no-stratify", action="store_true", help="split all sources together, not one by one")
@@ -151,7 +164,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         "--reference-predictions",
         type=Path,
         default=None,
-        help="CSV of reference probabilities (Image Index, prob_<label>) to compare on test images",
+        help="CSV of reference probabilities (Image Index, prob_<label>): compared on test images, and the "
+        "soft targets of --distill-weight on training images",
     )
     p.add_argument("--notes", type=Path, default=None, help="markdown file appended to the model card")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
@@ -237,6 +251,9 @@ def _train_config(
         focal_gamma=args.focal_gamma,
         pos_weight_max=args.pos_weight_max,
         augment=not args.no_augment,
+        low_res=args.low_res,
+        low_res_prob=args.low_res_prob,
+        distill_weight=args.distill_weight,
         seed=args.seed,
         operating_point=args.operating_point,
         log_every=args.log_every,

@@ -23,13 +23,14 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from monai_train.config import TrainConfig
@@ -171,13 +172,26 @@ def cache_splits(splits: Splits, cfg: dict[str, Any], tc: TrainConfig) -> tuple[
 class CachedImages(torch.utils.data.Dataset[dict[str, Any]]):
     """Items ``{"image": (1, H, W) float32, "label": (L,) float32, "name": str}`` read from the cache."""
 
-    def __init__(self, records: Sequence[Record], cfg: dict[str, Any], cache_dir: Path) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        cfg: dict[str, Any],
+        cache_dir: Path,
+        soft_targets: Mapping[str, npt.ArrayLike] | None = None,
+    ) -> None:
         size = int(cfg.get("image_size", 0))
         self.records = list(records)
         self.files = [
             cache_dir / f"{cache_key(r.image, cfg['preprocessing'], size)}.npy" for r in self.records
         ]
         self.labels = [np.asarray(r.labels, dtype=np.float32) for r in self.records]
+        # Distillation: a reference's probabilities per image name ("soft_mask" 0 where it has none).
+        soft = soft_targets or {}
+        self.soft = [
+            np.asarray(soft.get(r.name, np.zeros_like(y)), dtype=np.float32)
+            for r, y in zip(self.records, self.labels, strict=True)
+        ]
+        self.soft_mask = [np.float32(r.name in soft) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -187,6 +201,8 @@ class CachedImages(torch.utils.data.Dataset[dict[str, Any]]):
         return {
             "image": torch.from_numpy(np.array(arr, dtype=np.float32)),
             "label": torch.from_numpy(self.labels[index]),
+            "soft": torch.from_numpy(self.soft[index]),
+            "soft_mask": torch.tensor(self.soft_mask[index]),
             "name": self.records[index].name,
         }
 
@@ -259,3 +275,18 @@ def augment_batch(
     factor = torch.where(use_contrast, 1.0 + contrast, 1.0).to(dev, x.dtype).view(n, 1, 1, 1)
     offset = torch.where(use_bright, bright, 0.0).to(dev, x.dtype).view(n, 1, 1, 1)
     return out * factor + offset
+
+
+def simulate_low_resolution(
+    x: torch.Tensor, size: int, prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Pool a ``prob`` share of the (n, 1, H, W) batch down to ``size`` pixels and back up as the bundle's
+    area resize does (pixel replication): what a ``size``-px thumbnail looks like at the input size. A
+    thumbnail itself is unchanged; a full-resolution image loses the detail the thumbnails never had."""
+    n, side = x.shape[0], x.shape[-1]
+    if n == 0 or size <= 0 or size >= side:
+        return x
+    chosen = (torch.rand(n, generator=generator) < prob).to(x.device).view(n, 1, 1, 1)
+    low = torch.nn.functional.adaptive_avg_pool2d(x, size)
+    back = torch.nn.functional.interpolate(low, size=x.shape[-2:], mode="area")
+    return torch.where(chosen, back, x)

@@ -47,7 +47,19 @@ def _description(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) 
         "[0, 1] — `configs/inference.json`, the same definition the worker runs.",
         f"- Training: {tc.epochs} epochs, batch {tc.batch_size}, AdamW (weight decay {tc.weight_decay}), "
         f"one-cycle LR peak {tc.lr}, loss {tc.loss} with pos_weight = neg/pos clipped to "
-        f"[1, {tc.pos_weight_max}], augmentation: {aug}.",
+        f"[1, {tc.pos_weight_max}], augmentation: {aug}"
+        + (
+            f"; {tc.low_res_prob:g} of training images pooled to {tc.low_res} px and back"
+            if tc.low_res
+            else ""
+        )
+        + (
+            f"; distillation: + {tc.distill_weight:g} × BCE towards the reference probabilities "
+            f"({tc.reference_predictions}) on the training images they cover"
+            if tc.distill_weight > 0
+            else ""
+        )
+        + ".",
         f"- Best epoch {result.best_epoch} by {result.extra['selected_by']}; temperature "
         f"{result.temperature:.3f} fitted on validation logits (NLL), then per-finding Platt scaling "
         "(scale + bias per finding, `calibration` in `configs/metadata.json`) fitted on the same validation "

@@ -31,6 +31,14 @@ class TrainConfig:
     focal_gamma: float = 2.0
     pos_weight_max: float = 20.0  # clip: a label with 1 positive in 1000 must not dominate the loss
     augment: bool = True
+    # Resolution matching: this share of training images is pooled down to ``low_res`` pixels and back
+    # (what a 64 px thumbnail becomes at the input size), so full-resolution images look like the thumbnails
+    # most training images are. 0: off.
+    low_res: int = 0
+    low_res_prob: float = 0.5
+    # Distillation: weight of a BCE towards ``reference_predictions`` (soft targets) on the training images
+    # the reference scored; validation and test images never get them. 0: the reference is only compared.
+    distill_weight: float = 0.0
     seed: int = 0
     operating_point: str = "f1"
     log_every: int = 20
@@ -77,6 +85,9 @@ _LEARNING_SETTINGS = (
     "focal_gamma",
     "pos_weight_max",
     "augment",
+    "low_res",
+    "low_res_prob",
+    "distill_weight",
     "seed",
 )
 # A checkpoint resumes only a run with all of these equal (logging, device, paths, naming, export
@@ -100,8 +111,10 @@ def train_settings(tc: TrainConfig) -> dict[str, Any]:
 
 def fingerprint(tc: TrainConfig, total_steps: int, data_sha: str, val_sha: str = "") -> dict[str, Any]:
     """The run a checkpoint belongs to: its settings, schedule length and training/validation data."""
+    soft = str(tc.reference_predictions) if tc.distill_weight > 0 else None  # the soft targets' source
     return {
         **_settings(tc, RUN_SETTINGS),
+        **({"distill_from": soft} if soft else {}),
         "total_steps": total_steps,
         "data_sha256": data_sha,
         "val_sha256": val_sha,

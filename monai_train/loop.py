@@ -17,14 +17,21 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import DataLoader
 
-from monai_train.cache import CachedImages, augment_batch, cache_dir_for, cache_splits
+from monai_train.cache import (
+    CachedImages,
+    augment_batch,
+    cache_dir_for,
+    cache_splits,
+    simulate_low_resolution,
+)
 from monai_train.checkpoint import Optimisation, Progress, resume_checkpoint, save_checkpoint
 from monai_train.config import TrainConfig, fingerprint
 from monai_train.data import Splits, data_summary
 from monai_train.distributed import barrier, init_distributed, training_device
-from monai_train.losses import multilabel_loss, positive_weights
+from monai_train.losses import distillation_loss, multilabel_loss, positive_weights
 from monai_train.metrics import compute_metrics
 from monai_train.network import head
+from monai_train.reference import read_reference
 
 log = logging.getLogger("monai_train")
 
@@ -100,7 +107,21 @@ def cached_datasets(splits: Splits, cfg: dict[str, Any], tc: TrainConfig) -> tup
     t0 = time.monotonic()
     splits, report = cache_splits(splits, cfg, tc)
     cache = cache_dir_for(tc)
-    ds = Datasets(*(CachedImages(recs, cfg, cache) for _, recs in splits.items()))
+    soft = _soft_targets(tc)
+    # Soft targets for training images only: validation selects and test measures on the labels alone.
+    ds = Datasets(
+        CachedImages(splits.train, cfg, cache, soft),
+        CachedImages(splits.val, cfg, cache),
+        CachedImages(splits.test, cfg, cache),
+    )
+    if soft:
+        log.info(
+            "distillation: %d of %d training images have the reference's probabilities as soft targets "
+            "(weight %g)",
+            sum(r.name in soft for r in splits.train),
+            len(splits.train),
+            tc.distill_weight,
+        )
     sizes = "/".join(str(len(d)) for d in (ds.train, ds.val, ds.test))
     log.info(
         "%s preprocessed images in the disk cache %s (%d built now, %.1fs)",
@@ -112,6 +133,14 @@ def cached_datasets(splits: Splits, cfg: dict[str, Any], tc: TrainConfig) -> tup
     if not len(ds.train):
         raise ValueError(f"no readable training image (skipped: {report.skipped})")
     return splits, ds
+
+
+def _soft_targets(tc: TrainConfig) -> dict[str, Any]:
+    if tc.distill_weight <= 0:
+        return {}
+    if tc.reference_predictions is None:
+        raise ValueError("distillation needs --reference-predictions (the soft targets)")
+    return dict(read_reference(tc.reference_predictions, tc.labels))
 
 
 def _loader(
@@ -149,13 +178,17 @@ def _optimisation(
     return Optimisation(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16))
 
 
-def _step(step: Step, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig) -> float:
+def _step(step: Step, x: torch.Tensor, batch: dict[str, Any], tc: TrainConfig) -> float:
     opt = step.opt
     opt.optimizer.zero_grad(set_to_none=True)
     dtype = step.amp_dtype or torch.float32
     with torch.autocast(device_type=step.device.type, dtype=dtype, enabled=step.amp_dtype is not None):
         logits = step.model(x)
+    y = _tensor(batch["label"]).to(step.device, non_blocking=True)
     loss = multilabel_loss(logits, y, step.pos_weight, tc.loss, tc.focal_gamma)
+    if tc.distill_weight > 0:
+        soft, mask = (_tensor(batch[k]).to(step.device) for k in ("soft", "soft_mask"))
+        loss = loss + tc.distill_weight * distillation_loss(logits, soft, mask)
     opt.scaler.scale(loss).backward()
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
@@ -178,10 +211,11 @@ def train_epoch(
     show_bar = tc.log_every > 0 and sys.stderr.isatty() and rank == 0
     for i, batch in enumerate(_progress(loader, f"epoch {epoch}/{tc.epochs}", show_bar), start=1):
         x = _tensor(batch["image"]).to(step.device, non_blocking=True)
-        y = _tensor(batch["label"]).to(step.device, non_blocking=True)
+        if tc.low_res:
+            x = simulate_low_resolution(x, tc.low_res, tc.low_res_prob, aug_gen)
         if tc.augment:
             x = augment_batch(x, aug_gen)
-        loss = _step(step, x, y, tc)
+        loss = _step(step, x, batch, tc)
         running += loss * x.shape[0]
         seen += x.shape[0]
         lr = step.opt.scheduler.get_last_lr()[0]

@@ -40,3 +40,13 @@ def multilabel_loss(
     elif kind != "bce":
         raise ValueError(f"loss must be one of {LOSSES}")
     return bce.mean()
+
+
+def distillation_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE towards a reference's probabilities (soft targets), averaged over the rows that have them
+    (``mask`` 1); 0 for a batch without any. Unweighted: the reference's probabilities already carry its
+    prevalence, and AUROC only needs the ranking it teaches."""
+    rows = mask > 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float()[rows], soft[rows])

@@ -97,8 +97,8 @@ class Predictor:
         if cam_method == "auto":
             cam_method = "cam" if has_cam_head else "gradcam"
         self.cam_method = cam_method
-        if cam_method == "cam":
-            self._cam_net = CamNetwork(self.net).eval()
+        if cam_method in CamNetwork.METHODS:
+            self._cam_net = CamNetwork(self.net, cam_method).eval()
         elif cam_method == "gradcam":
             # Any other network: MONAI Grad-CAM on the layer the bundle names (one backward pass per class).
             from monai.visualize.class_activation_maps import GradCAM

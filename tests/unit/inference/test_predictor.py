@@ -75,6 +75,39 @@ def test_gradcam_fallback_agrees_with_cam(bundle_dir: Path) -> None:
             assert np.corrcoef(a, b)[0, 1] > 0.9
 
 
+def test_gradcam_plus_plus_in_one_pass_is_monais_gradcampp(bundle_dir: Path) -> None:
+    """The closed form (no backward pass) gives MONAI's Grad-CAM++ maps (backward passes), and differs from
+    CAM: it keeps only channels whose head weight raises the class score."""
+    from monai.visualize.class_activation_maps import GradCAMpp
+
+    rng = np.random.default_rng(4)
+    images = [rng.random((224, 224), dtype=np.float32)]
+    bundle = load_bundle(bundle_dir)
+    pp = Predictor(bundle, cam_method="gradcam++")
+    assert pp.backend == "torch"
+    cam = Predictor(bundle, cam_method="cam").predict(images)
+    pp_unscaled = pp.predict(images)
+    np.testing.assert_allclose(pp_unscaled.probabilities, cam.probabilities, atol=1e-5)
+    # MONAI adds 1e-7 to the denominator of α, which is of the order of (w / HW)²: scale the head so that
+    # its constant does not dominate the reference (both sides use the same, scaled, network).
+    with torch.no_grad():
+        pp.net.class_layers.out.weight.mul_(10.0)
+    ours = pp.predict(images)
+    x = pp.prepare(images)
+    monai_pp = GradCAMpp(nn_module=pp.net, target_layers="class_layers.relu", postprocessing=lambda m: m)
+    with torch.inference_mode():
+        scaled_logits = pp.net(x)[0]
+    differs, compared = 0, 0
+    for c in range(14):
+        differs += float(np.abs(pp_unscaled.cams[0, c] - cam.cams[0, c]).max()) > 0.05
+        if abs(float(scaled_logits[c])) > 15:  # MONAI multiplies by exp(score): float32 under/overflows
+            continue
+        compared += 1
+        ref = monai_pp.compute_map(x, class_idx=c)[0, 0].detach()  # at the feature map's size, not upsampled
+        np.testing.assert_allclose(ours.cams[0, c], (ref / ref.max().clamp_min(1e-8)).numpy(), atol=3e-3)
+    assert differs > 0 and compared >= 10
+
+
 def test_onnx_runtime_backend_matches_torch(tmp_path: Path) -> None:
     """The CPU path (ONNX Runtime, graph exported from the bundle) gives torch's probabilities and maps."""
     out = tmp_path / "bundle"

@@ -65,7 +65,14 @@ def test_batch_augmentation_is_seeded_mild_and_shape_preserving() -> None:
 def test_a_checkpoint_resumes_only_the_same_settings() -> None:
     tc = TrainConfig()
     base = fingerprint(tc, 100, "a", "b")
-    for change in ({"lr": 2e-3}, {"augment": False}, {"feature_stride": 8}, {"pos_weight_max": 5.0}):
+    changes = (
+        {"lr": 2e-3},
+        {"augment": False},
+        {"feature_stride": 8},
+        {"pos_weight_max": 5.0},
+        {"low_res": 64},
+    )
+    for change in (*changes, {"distill_weight": 1.0, "reference_predictions": Path("r.csv")}):
         other = TrainConfig(**change)  # type: ignore[arg-type]
         assert fingerprint(other, 100, "a", "b") != base, change
     assert fingerprint(TrainConfig(log_every=1, version="x", workers=2), 100, "a", "b") == base
