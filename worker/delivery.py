@@ -11,24 +11,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import CursorResult, func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core.deliveries import ATTEMPT_LEASE, retry_delay
+from service.core.deliveries import ATTEMPT_LEASE, OUTBOX, retry_delay, transition
 from service.core.errors import PermanentError, TransientError
 from service.core.models import Delivery, DeliveryAttempt
-from service.core.settings import Destination, Settings
+from service.core.settings import AnyDestination, Settings
 from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, ReasonCode
-from service.core.tls import client_context
-from service.dicomnet.scu import c_store
 from worker.outputs import Output
+from worker.senders import sender_for
 
 log = logging.getLogger(__name__)
 
 
 def fan_out(
-    session: Session, job_id: str, outputs: list[Output], destinations: list[Destination], output_dir: Path
+    session: Session, job_id: str, outputs: list[Output], destinations: list[AnyDestination], output_dir: Path
 ) -> list[int]:
     """One delivery row per output and destination that wants it, due now; the ids of those to send.
 
@@ -68,7 +67,8 @@ def fan_out(
 def deliver(
     delivery_id: int, settings: Settings, sessions: sessionmaker[Session], attempt: int | None = None
 ) -> DeliveryStatus | None:
-    """Make one C-STORE attempt of a delivery and record its outcome and, on failure, when it is due again.
+    """Make one attempt (C-STORE or STOW-RS: worker.senders) of a delivery and record its outcome and,
+    on failure, when it is due again.
 
     ``attempt``: how many attempts the row had when its message was sent. The attempt runs only if that
     is still so (a compare-and-set that claims it): a message sent twice, or one that outlived a newer
@@ -85,14 +85,7 @@ def deliver(
     try:
         if not path.is_file():
             raise PermanentError(ReasonCode.SPOOL_FILE_MISSING, "output file missing")
-        c_store(
-            path,
-            ae_title=target[0],
-            host=target[1],
-            port=target[2],
-            calling_ae_title=settings.sender_ae_title,
-            tls_context=client_context(settings) if _uses_tls(settings, target) else None,
-        )
+        sender_for(settings, target)(path)
     except TransientError as exc:
         return _retry_or_give_up(settings, sessions, delivery_id, target[0], _Outcome(attempts, started), exc)
     except PermanentError as exc:
@@ -150,26 +143,26 @@ def _claim(
     message has nothing to do. Returns the count claimed from, the output's path and the destination."""
     now = datetime.now(UTC)
     with sessions.begin() as session:
-        row = session.get(Delivery, delivery_id)
-        if row is None or row.status not in OPEN_DELIVERY_STATUSES:
-            return None
-        if attempt is None:
-            attempt = row.attempts
-            if row.next_attempt_at is not None and row.next_attempt_at > now:
-                return None
-        claim: CursorResult[object] = session.execute(  # type: ignore[assignment]
-            update(Delivery)
-            .where(
-                Delivery.id == delivery_id,
-                Delivery.attempts == attempt,
-                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
+
+        def hold(row: Delivery, count: int) -> bool:
+            # The status stays as read (pending or retrying); the count, lease and message mark move.
+            status = DeliveryStatus(row.status)
+            return transition(
+                session,
+                delivery_id,
+                status,
+                expected=[status],
+                only_if=Delivery.attempts == count,
+                attempts=count + 1,
+                next_attempt_at=now + ATTEMPT_LEASE,
+                dispatched_at=None,
             )
-            .values(attempts=attempt + 1, next_attempt_at=now + ATTEMPT_LEASE, dispatched_at=None)
-        )
-        if claim.rowcount == 0:
-            log.info("delivery=%d attempt %d already made; message dropped", delivery_id, attempt + 1)
+
+        taken = OUTBOX.take(session, delivery_id, attempt, now, hold)
+        if taken is None:
             return None
-        return attempt, row.output_path, (row.ae_title, row.host, row.port)
+        row, count = taken
+        return count, row.output_path, (row.ae_title, row.host, row.port)
 
 
 def _attempts_since_replay(sessions: sessionmaker[Session], delivery_id: int) -> int:
@@ -189,11 +182,6 @@ def _attempts_since_replay(sessions: sessionmaker[Session], delivery_id: int) ->
             )
             or 0
         )
-
-
-def _uses_tls(settings: Settings, target: tuple[str, str, int]) -> bool:
-    # Deliveries keep the address they were made for; TLS follows the destination's current setting.
-    return any((d.ae_title, d.host, d.port) == target and d.tls for d in settings.destinations)
 
 
 def _record(sessions: sessionmaker[Session], delivery_id: int, outcome: _Outcome) -> None:
@@ -238,6 +226,7 @@ def wait_for_database(sessions: sessionmaker[Session], seconds: float) -> bool:
 def _write_outcome(sessions: sessionmaker[Session], delivery_id: int, outcome: _Outcome) -> None:
     now = datetime.now(UTC)
     status = outcome.status
+    delivered = status == DeliveryStatus.DELIVERED
     with sessions.begin() as session:
         session.add(
             DeliveryAttempt(
@@ -248,17 +237,14 @@ def _write_outcome(sessions: sessionmaker[Session], delivery_id: int, outcome: _
                 error=outcome.error,
             )
         )
-        stmt = update(Delivery).where(
-            Delivery.id == delivery_id, Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES])
+        transition(
+            session,
+            delivery_id,
+            status,
+            expected=OPEN_DELIVERY_STATUSES,
+            only_if=None if delivered else Delivery.attempts == outcome.attempts,
+            now=now,
+            last_error=outcome.error,
+            next_attempt_at=outcome.due,
+            dispatched_at=None,
         )
-        if status != DeliveryStatus.DELIVERED:
-            stmt = stmt.where(Delivery.attempts == outcome.attempts)
-        values: dict[str, object] = {
-            "status": status,
-            "last_error": outcome.error,
-            "next_attempt_at": outcome.due,
-            "dispatched_at": None,
-        }
-        if status == DeliveryStatus.DELIVERED:
-            values["delivered_at"] = now
-        session.execute(stmt.values(**values))

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 
-from service.core.settings import Destination
+from service.core.settings import AnyDestination
 from service.core.status import OutputKind, ReasonCode
 from worker import __version__
 from worker.dicom.gsps import build_findings_gsps
@@ -47,7 +47,7 @@ class Output:
     # The destination output names it is sent for (a not-analysed report stands in for both SRs).
     serves: frozenset[OutputKind] = frozenset()
 
-    def wanted_by(self, dest: Destination) -> bool:
+    def wanted_by(self, dest: AnyDestination) -> bool:
         return bool((self.serves or {self.kind}) & set(dest.outputs))
 
 

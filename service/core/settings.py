@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, SecretStr, Tag, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.core.status import DEFAULT_OUTPUTS, OutputKind
+from service.core.status import DEFAULT_OUTPUTS
+from service.dicomweb.config import DicomwebDestination, DicomwebSource, Outputs
 from service.notify.config import Channel as NotifyChannel
 from service.notify.config import NotifyRule, check_notify_config
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
-_OUTPUT_NAMES = [kind.value for kind in OutputKind]
 
 
 class Destination(BaseModel):
@@ -32,30 +32,25 @@ class Destination(BaseModel):
     tls: bool = False
     # The result objects this peer receives, e.g. ["sr", "report", "sc", "gsps"] (a GSPS is built only
     # for destinations that list it).
-    outputs: list[OutputKind] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
+    outputs: Outputs = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
+    # C-STORE is the default kind; {"type": "dicomweb", ...} is a DicomwebDestination (STOW-RS).
+    type: Literal["dimse"] = "dimse"
 
     @field_validator("ae_title")
     @classmethod
     def _strip(cls, v: str) -> str:
         return _check_ae_title(v)
 
-    @field_validator("outputs", mode="before")
-    @classmethod
-    def _check_outputs(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list | tuple):
-            raise ValueError(f"outputs must be a list of {_OUTPUT_NAMES}")
-        names = [str(item).strip().lower() for item in v]
-        if not names:
-            raise ValueError(f"outputs must name at least one of {_OUTPUT_NAMES}")
-        unknown = [name for name in names if name not in _OUTPUT_NAMES]
-        if unknown:
-            raise ValueError(f"unknown outputs {unknown}: choose from {_OUTPUT_NAMES}")
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"outputs lists {duplicates} more than once")
-        return names
+
+def _destination_type(v: Any) -> str:
+    return str(v.get("type", "dimse") if isinstance(v, dict) else getattr(v, "type", "dimse"))
+
+
+# A destination in CXR_DESTINATIONS: C-STORE unless it says {"type": "dicomweb"}.
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(_destination_type),
+]
 
 
 def _check_ae_title(v: str) -> str:
@@ -78,13 +73,29 @@ class Source(BaseModel):
         return _check_ae_title(v)
 
 
+class QueryRetrievePeer(BaseModel):
+    """The PACS asked for studies to pull: Study Root Q/R (C-FIND, C-MOVE) at this AE and address."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
 class DashboardUser(BaseModel):
     """A dashboard account: an argon2/bcrypt ``password_hash`` (or, for tests and demos, a ``password``)."""
 
     username: str = Field(min_length=1, max_length=64)
     password_hash: SecretStr | None = None
     password: SecretStr | None = None
-    role: Literal["admin", "viewer"] = "viewer"
+    # viewer: reads; reader (radiologist): reads, gives finding feedback, imports reference labels;
+    # admin: everything.
+    role: Literal["admin", "reader", "viewer"] = "viewer"
 
     @model_validator(mode="after")
     def _one_secret(self) -> DashboardUser:
@@ -188,7 +199,7 @@ class Settings(BaseSettings):
     viewer_url: str | None = Field(default=None, description="URL template of the site's viewer")
 
     model_bundle: Path = DEFAULT_BUNDLE
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     sender_ae_title: str = "CXR_GATEWAY"
     uid_prefix: str = Field(default="1.2.826.0.1.3680043.10.1453.", description="Root for output UIDs")
 
@@ -269,9 +280,45 @@ class Settings(BaseSettings):
     notify_retry_base_seconds: float = Field(default=5.0, ge=0.0)
     notify_retry_max_seconds: float = Field(default=300.0, gt=0.0)
 
+    # STOW-RS intake (service.dicomweb.stow_server, served by the listener process; docs/integration.md):
+    # off until dicomweb_port is set. Each source is a bearer token tied to a name its instances are
+    # recorded under. A request over dicomweb_max_request_bytes is refused (413) from its Content-Length,
+    # or stopped where its body passes it; one part over max_instance_bytes fails that instance.
+    dicomweb_port: int | None = Field(default=None, ge=1, le=65535)
+    dicomweb_host: str | None = Field(default=None, description="bind address; unset: listener_host")
+    dicomweb_sources: list[DicomwebSource] = Field(default_factory=list)
+    dicomweb_max_request_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    # Pull from the PACS (service.dicomnet.qr): the Q/R peer asked by C-FIND and C-MOVE, and the AE title
+    # it moves studies to (its entry for our listener; default listener_ae_title).
+    pull_peer: QueryRetrievePeer | None = None
+    pull_move_ae_title: str | None = Field(default=None, max_length=16)
+    pull_timeout_seconds: float = Field(default=600.0, gt=0.0, description="one C-MOVE, all instances")
+    pull_poll_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+
+    # Retention (service.core.retention): a study's spooled images and its jobs' outputs are deleted this
+    # many days after its last job is final with every delivery delivered (never before), by the
+    # listener every retention_interval_seconds and by `cxr-gateway purge`. Studies with reference
+    # labels or reader feedback are kept until exported for training while retention_keep_labelled.
+    retention_days: float = Field(default=30.0, gt=0.0)
+    retention_keep_labelled: bool = True
+    retention_interval_seconds: float = Field(default=3600.0, gt=0.0)
+
     @model_validator(mode="after")
     def _check_notify(self) -> Settings:
         check_notify_config(self.notify_rules, self.notify_channels)
+        return self
+
+    @model_validator(mode="after")
+    def _check_dicomweb(self) -> Settings:
+        names = [d.ae_title for d in self.destinations if isinstance(d, DicomwebDestination)]
+        if len(set(names)) != len(names):
+            raise ValueError("destinations: DICOMweb destination names must be unique")
+        sources = [s.name for s in self.dicomweb_sources]
+        if len(set(sources)) != len(sources):
+            raise ValueError("dicomweb_sources: names must be unique")
+        dicom_ports = {self.listener_port, self.listener_tls_port}
+        if self.dicomweb_port is not None and self.dicomweb_port in dicom_ports:
+            raise ValueError("dicomweb_port must differ from the DICOM listener's ports")
         return self
 
     @field_validator("viewer_url")
