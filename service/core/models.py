@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     ForeignKey,
@@ -291,3 +293,80 @@ class NotificationAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     notification: Mapped[Notification] = relationship(back_populates="history")
+
+
+# Issue 17, the site loop: reader feedback, reference labels, exports for training, purges. ------------
+
+
+class FindingFeedback(Base):
+    """A reader's verdict on one finding of one job: agree / disagree / unsure with what the model said,
+    or ``missed`` (present, the model said absent). One row per job × finding × reader, updated when the
+    reader changes their mind; each change is also in the audit log.
+
+    ``model_present`` is the model's call the reader judged, so a verdict keeps its meaning whichever job
+    of the study is later validated (agree: truth = model_present; disagree: its opposite; missed: True).
+    """
+
+    __tablename__ = "finding_feedback"
+    __table_args__ = (UniqueConstraint("job_id", "finding", "username"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # service.site.feedback.Verdict
+    model_present: Mapped[bool] = mapped_column(Boolean)
+    username: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class LabelImport(Base):
+    """One accepted reference-label file (CSV): who, when, what (no patient data; the file is not kept)."""
+
+    __tablename__ = "label_imports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    username: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    studies: Mapped[int] = mapped_column(Integer)
+
+
+class ReferenceLabel(Base):
+    """A study's reference truth for one finding (e.g. from the RIS report): one row per study × model
+    finding, present or absent; a later import of the same study replaces its rows."""
+
+    __tablename__ = "reference_labels"
+    __table_args__ = (UniqueConstraint("study_id", "finding"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    present: Mapped[bool] = mapped_column(Boolean)
+    import_id: Mapped[int] = mapped_column(ForeignKey("label_imports.id"), index=True)
+
+
+class StudyExport(Base):
+    """A study written out for training (``export-training``): retention keeps a labelled study's files
+    until it has one of these rows (CXR_RETENTION_KEEP_LABELLED)."""
+
+    __tablename__ = "study_exports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    exported_at: Mapped[datetime] = mapped_column(default=utcnow)
+    export_name: Mapped[str | None] = mapped_column(String(255))
+
+
+class StudyPurge(Base):
+    """The retention purge removed this study's spooled images and its jobs' outputs at ``purged_at``;
+    the rows stay, and the dashboard says 'purged' for every job finished before then."""
+
+    __tablename__ = "study_purges"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    purged_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    files: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
