@@ -63,6 +63,8 @@ class StoreReport:
 
     stored: dict[str, int | None] = field(default_factory=dict)  # SOP Instance UID -> warning reason
     failed: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> failure reason
+    # Failed parts whose SOP Instance UID could not be read (garbage, a part cut short): their reasons.
+    unnamed: list[int] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, body: Any) -> StoreReport:
@@ -79,11 +81,12 @@ class StoreReport:
                 report.stored[uid] = int(warning) if isinstance(warning, int) else None
         for item in _items(body, FAILED_SOP_SEQUENCE):
             uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
-            reason = _first(item, FAILURE_REASON)
-            if isinstance(uid, str):
-                report.failed[uid] = (
-                    int(reason) if isinstance(reason, int) else FailureReason.CANNOT_UNDERSTAND
-                )
+            value = _first(item, FAILURE_REASON)
+            reason = int(value) if isinstance(value, int) else int(FailureReason.CANNOT_UNDERSTAND)
+            if isinstance(uid, str) and uid:
+                report.failed[uid] = reason
+            else:
+                report.unnamed.append(reason)
         return report
 
 

@@ -37,8 +37,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.db import make_session_factory, migrate
 from service.core.queue import make_celery
 from service.core.reconciler import Reconciler
+from service.core.retention import Purger
 from service.core.settings import Settings
 from service.core.tls import server_context
+from service.dicomweb.stow_server import StowIntake, StowServer
 from service.notify.dispatch import Scheduler as NotifyScheduler
 from service.scp.assembler import StudyAssembler
 from service.scp.backpressure import BackPressure
@@ -112,7 +114,9 @@ class Listener:
         )
         self.reconciler = Reconciler(settings, self.sessions, self.celery)
         self.notifier = NotifyScheduler(settings, self.sessions, self.celery)
+        self.purger = Purger(settings, self.sessions)
         self.servers: list[ThreadedAssociationServer] = []
+        self.stow: StowServer | None = None  # the STOW-RS intake, when dicomweb_port is set
         self.receive_budget = ReceiveBudget(settings.listener_receive_memory_bytes)
         self.guard_limits = GuardLimits(
             max_pdu=settings.listener_max_pdu_bytes,
@@ -149,12 +153,17 @@ class Listener:
                 self._serve(ae, s.listener_port, None, handlers)
             if s.listener_tls_port is not None:
                 self._serve(ae, s.listener_tls_port, server_context(s), handlers)
+            if s.dicomweb_port is not None:
+                stow = StowIntake(s, self.intake, self.studies, self.assembler.touch, self.staging_dir)
+                self.stow = StowServer(s, stow)
+                self.stow.start()
         except BaseException:
             self.stop()
             raise
         self.assembler.start()
         self.reconciler.start()
         self.notifier.start()
+        self.purger.start()
         log.info(
             "listener up ae_title=%s port=%s tls_port=%s quiet=%.1fs max_associations=%d",
             s.listener_ae_title,
@@ -192,6 +201,9 @@ class Listener:
         what is left (the sender retries what it had no answer for). Returns how many were aborted."""
         for server in self.servers:
             server.shutdown()  # closes the listening socket only; open associations go on
+        if self.stow is not None:
+            self.stow.stop()  # after its requests in flight, up to the drain period
+            self.stow = None
         deadline = time.monotonic() + drain_seconds
         open_now = self.open_associations(established=True)
         if open_now:
@@ -209,6 +221,7 @@ class Listener:
         self.assembler.stop()
         self.reconciler.stop()
         self.notifier.stop()
+        self.purger.stop()
         self.intake.close()
         return len(open_now)
 

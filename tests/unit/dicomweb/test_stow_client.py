@@ -75,8 +75,10 @@ def test_report_reads_both_sequences_and_ignores_garbage() -> None:
     report = StoreReport.from_json(_body(stored=("1.1",), failed={"2.2": 0xA700}))
     assert report.stored == {"1.1": None} and report.failed == {"2.2": 0xA700}
     assert StoreReport.from_json([_body(stored=("1.1",))]).stored == {"1.1": None}
-    for junk in ("text", 3, None, {"00081199": "x"}, {"00081198": {"Value": ["x", {}]}}):
+    for junk in ("text", 3, None, {"00081199": "x"}, {"00081198": {"Value": ["x"]}}):
         assert StoreReport.from_json(junk) == StoreReport()
+    # A failed item without a UID (a part the server could not read) still counts, by its reason.
+    assert StoreReport.from_json({"00081198": {"Value": [{}]}}).unnamed == [0xC000]
 
 
 class _Archive(BaseHTTPRequestHandler):
