@@ -8,6 +8,8 @@ single process (the listener's scheduler, in every replica) sends the due ones, 
 led to an attempt is sent again, once per reconcile interval. Every move is a compare-and-set on what
 was read, so replicas side by side send a delivery's message once, and a worker runs an attempt only if
 the attempt number its message carries is still the next one (stale or doubled messages do nothing).
+The mechanism is service.core.outbox's, shared with notifications; this module holds the delivery's
+moves, its lease and its back-off.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import ColumnElement, CursorResult, select, update
+from sqlalchemy import ColumnElement
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import task_names
 from service.core.models import Delivery
+from service.core.outbox import ForbiddenTransition as ForbiddenTransition
+from service.core.outbox import Outbox, StateMachine
 from service.core.queue import enqueue
 from service.core.settings import Settings
 from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus
@@ -35,19 +39,26 @@ ATTEMPT_LEASE = timedelta(seconds=120)
 BATCH = 500
 
 
-# Each state and the states it may move to. An open delivery may be attempted again (a failed attempt
-# is due again, or dead-lettered; any attempt may deliver) and sent again now (an admin's replay, put
-# back when the broker refuses it); a dead-lettered one only by a replay; a delivered one never moves.
-ALLOWED: Mapping[DeliveryStatus, frozenset[DeliveryStatus]] = {
-    DeliveryStatus.PENDING: frozenset(DeliveryStatus),
-    DeliveryStatus.RETRYING: frozenset(DeliveryStatus),
-    DeliveryStatus.DEAD_LETTER: frozenset({DeliveryStatus.PENDING}),
-    DeliveryStatus.DELIVERED: frozenset(),
+# Each state and the states it may be reached from. An open delivery may be attempted again (a failed
+# attempt is due again, or dead-lettered; any attempt may deliver) and sent again now (an admin's
+# replay, put back when the broker refuses it); a dead-lettered one only by a replay; a delivered one
+# never moves.
+_OPEN = frozenset(OPEN_DELIVERY_STATUSES)
+ALLOWED_FROM: Mapping[DeliveryStatus, frozenset[DeliveryStatus]] = {
+    DeliveryStatus.PENDING: _OPEN | {DeliveryStatus.DEAD_LETTER},
+    DeliveryStatus.RETRYING: _OPEN,
+    DeliveryStatus.DEAD_LETTER: _OPEN,
+    DeliveryStatus.DELIVERED: _OPEN,
 }
-
-
-class ForbiddenTransition(ValueError):
-    """A caller asked for a move the delivery state machine does not have (a bug, not a race)."""
+MACHINE = StateMachine(Delivery, "delivery", ALLOWED_FROM)
+OUTBOX = Outbox(
+    Delivery,
+    "delivery",
+    frozenset(str(s) for s in OPEN_DELIVERY_STATUSES),
+    lambda celery, delivery_id, attempts: enqueue(celery, task_names.DELIVER, delivery_id, attempts),
+    BATCH,
+    counted_waits=False,
+)
 
 
 def transition(
@@ -65,20 +76,9 @@ def transition(
 
     Raises :class:`ForbiddenTransition` when ``expected`` names a state that may not move to ``to``.
     """
-    sources = {state for state, targets in ALLOWED.items() if to in targets}
-    states = sources if expected is None else set(expected)
-    forbidden = states - sources
-    if forbidden:
-        raise ForbiddenTransition(f"delivery may not move {sorted(forbidden)} -> {to}")
     if to == DeliveryStatus.DELIVERED:
         values.setdefault("delivered_at", now or datetime.now(UTC))
-    stmt = update(Delivery).where(
-        Delivery.id == delivery_id, Delivery.status.in_([str(s) for s in sorted(states)])
-    )
-    if only_if is not None:
-        stmt = stmt.where(only_if)
-    result: CursorResult[object] = session.execute(stmt.values(status=to, **values))  # type: ignore[assignment]
-    return result.rowcount > 0
+    return MACHINE.move(session, delivery_id, to, expected=expected, only_if=only_if, values=values)
 
 
 def retry_delay(settings: Settings, attempts: int) -> timedelta:
@@ -87,85 +87,15 @@ def retry_delay(settings: Settings, attempts: int) -> timedelta:
     return timedelta(seconds=min(seconds, settings.delivery_retry_max_seconds))
 
 
-def _cas(session: Session, delivery_id: int, dispatched_at: datetime | None, now: datetime) -> bool:
-    """Mark the delivery's message as sent at ``now`` if nobody has since the read (compare-and-set)."""
-    stmt = update(Delivery).where(
-        Delivery.id == delivery_id,
-        Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
-        Delivery.dispatched_at.is_(None)
-        if dispatched_at is None
-        else Delivery.dispatched_at == dispatched_at,
-    )
-    result: CursorResult[object] = session.execute(stmt.values(dispatched_at=now))  # type: ignore[assignment]
-    return result.rowcount > 0
-
-
-def _send(
-    sessions: sessionmaker[Session],
-    celery: Celery,
-    rows: Iterable[tuple[int, int, datetime | None]],
-    now: datetime,
-    why: str,
-) -> list[int]:
-    """For each (id, attempts, dispatched_at as read): claim the send, then enqueue; returns ids sent.
-
-    When the broker refuses, the claim is undone so the next pass tries again, and the pass stops.
-    """
-    sent: list[int] = []
-    for delivery_id, attempts, dispatched_at in rows:
-        with sessions.begin() as session:
-            if not _cas(session, delivery_id, dispatched_at, now):
-                continue  # another replica (or the worker that made it) sent it first
-        try:
-            enqueue(celery, task_names.DELIVER, delivery_id, attempts)
-        except Exception as exc:
-            log.warning("delivery=%d not sent (%s: broker away?); next pass", delivery_id, type(exc).__name__)
-            with sessions.begin() as session:
-                session.execute(
-                    update(Delivery)
-                    .where(Delivery.id == delivery_id, Delivery.dispatched_at == now)
-                    .values(dispatched_at=dispatched_at)
-                )
-            break
-        if why:
-            log.warning("delivery=%d sent again (%s)", delivery_id, why)
-        sent.append(delivery_id)
-    return sent
-
-
 def send_due(sessions: sessionmaker[Session], celery: Celery, now: datetime) -> list[int]:
     """Send every open delivery whose due time has come and whose message is not out yet."""
-    with sessions() as session:
-        rows = session.execute(
-            select(Delivery.id, Delivery.attempts, Delivery.dispatched_at)
-            .where(
-                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
-                Delivery.next_attempt_at <= now,
-                Delivery.dispatched_at.is_(None),
-            )
-            .order_by(Delivery.next_attempt_at)
-            .limit(BATCH)
-        ).all()
-    return _send(sessions, celery, [(r.id, r.attempts, r.dispatched_at) for r in rows], now, "")
+    return OUTBOX.send_due(sessions, celery, now)
 
 
 def send_ids(sessions: sessionmaker[Session], celery: Celery, ids: Iterable[int], now: datetime) -> list[int]:
     """Send these deliveries now if they are open, due and not sent yet (a worker's fresh outputs)."""
     ids = list(ids)
-    if not ids:
-        return []
-    with sessions() as session:
-        rows = session.execute(
-            select(Delivery.id, Delivery.attempts, Delivery.dispatched_at)
-            .where(
-                Delivery.id.in_(ids),
-                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
-                Delivery.next_attempt_at <= now,
-                Delivery.dispatched_at.is_(None),
-            )
-            .order_by(Delivery.id)
-        ).all()
-    return _send(sessions, celery, [(r.id, r.attempts, r.dispatched_at) for r in rows], now, "")
+    return OUTBOX.send_due(sessions, celery, now, ids) if ids else []
 
 
 def resend_lost(
@@ -183,20 +113,4 @@ def resend_lost(
     """
     if waiting:
         return []
-    with sessions() as session:
-        rows = session.execute(
-            select(Delivery.id, Delivery.attempts, Delivery.dispatched_at)
-            .where(
-                Delivery.status.in_([str(s) for s in OPEN_DELIVERY_STATUSES]),
-                Delivery.dispatched_at < now - after,
-            )
-            .order_by(Delivery.next_attempt_at)
-            .limit(BATCH)
-        ).all()
-    return _send(
-        sessions,
-        celery,
-        [(r.id, r.attempts, r.dispatched_at) for r in rows],
-        now,
-        "its message never led to an attempt",
-    )
+    return OUTBOX.resend_lost(sessions, celery, now, after)

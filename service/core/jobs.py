@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, CursorResult, update
+from sqlalchemy import ColumnElement
 from sqlalchemy.orm import Session
 
 from service.core.models import Job, JobEvent
+from service.core.outbox import compare_and_set
 from service.core.status import JobStatus
 
 _TIMESTAMP_COLUMN = {
@@ -54,13 +55,8 @@ def transition(
     column = _TIMESTAMP_COLUMN.get(to)
     if column:
         values[column] = now
-    stmt = update(Job).where(Job.id == job_id)
-    if expected is not None:
-        stmt = stmt.where(Job.status.in_([str(s) for s in expected]))
-    if only_if is not None:
-        stmt = stmt.where(only_if)
-    result: CursorResult[object] = session.execute(stmt.values(**values))  # type: ignore[assignment]
-    moved = result.rowcount > 0
+    # Jobs have no allowed-moves table: any state may be asked for (retries, requeues, replays).
+    moved = compare_and_set(session, Job, job_id, expected, only_if, values)
     if moved:
         session.add(JobEvent(job_id=job_id, status=to, reason_code=reason_code, at=now))
     return moved

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
 from service.core.models import Notification
+from service.core.outbox import ForbiddenTransition, StateMachine
 
 
 class NotificationStatus(StrEnum):
@@ -45,14 +45,13 @@ ALLOWED_FROM: dict[NotificationStatus, frozenset[NotificationStatus]] = {
 # Waiting for an attempt: a due time in next_attempt_at, a message to the broker once due.
 OPEN = frozenset({S.PENDING, S.FAILED_RETRYING})
 FINAL = frozenset({S.SENT, S.DEAD})
-
-
-class TransitionNotAllowed(ValueError):
-    """A move the state machine does not have (a bug in the caller, never a race)."""
+MACHINE = StateMachine(Notification, "notification", ALLOWED_FROM)
+# A move the state machine does not have (a bug in the caller, never a race).
+TransitionNotAllowed = ForbiddenTransition
 
 
 def allowed(source: NotificationStatus, target: NotificationStatus) -> bool:
-    return source in ALLOWED_FROM.get(target, frozenset())
+    return MACHINE.allowed(source, target)
 
 
 def transition(
@@ -71,23 +70,13 @@ def transition(
     Returns True if this call moved it (False: another process moved it first). Raises
     TransitionNotAllowed for an ``expected`` state from which ``to`` cannot be reached.
     """
-    sources = ALLOWED_FROM.get(to, frozenset())
-    wanted = sources if expected is None else frozenset(expected)
-    if not wanted or not wanted <= sources:
-        bad = sorted(str(s) for s in wanted - sources) or ["(none)"]
-        raise TransitionNotAllowed(f"notification cannot move {'/'.join(bad)} -> {to}")
     now = now or datetime.now(UTC)
-    values = {"status": str(to), "updated_at": now, **values}
+    values = {"updated_at": now, **values}
     if to == S.SENT:
         values.setdefault("sent_at", now)
     if to in FINAL:
         values.setdefault("next_attempt_at", None)
     if to != S.SENDING:
         values.setdefault("dispatched_at", None)
-    stmt = update(Notification).where(
-        Notification.id == notification_id, Notification.status.in_([str(s) for s in wanted])
-    )
-    if if_attempts is not None:
-        stmt = stmt.where(Notification.attempts == if_attempts)
-    result: CursorResult[object] = session.execute(stmt.values(**values))  # type: ignore[assignment]
-    return result.rowcount > 0
+    only_if = None if if_attempts is None else Notification.attempts == if_attempts
+    return MACHINE.move(session, notification_id, to, expected=expected, only_if=only_if, values=values)

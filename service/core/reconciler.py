@@ -11,7 +11,6 @@ running deadline. Tasks are idempotent, so a false alarm costs a re-run only.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +23,7 @@ from service.core.db import database_now
 from service.core.deliveries import resend_lost, send_due
 from service.core.jobs import transition
 from service.core.models import Job
+from service.core.periodic import Periodic
 from service.core.queue import queue_depth, send_queued
 from service.core.settings import Settings
 from service.core.status import JobStatus
@@ -133,7 +133,7 @@ def reconcile(
     return requeued
 
 
-class Reconciler:
+class Reconciler(Periodic):
     """Runs in a daemon thread of the listener (every replica): sends due deliveries every
     ``delivery_poll_seconds`` and runs :func:`reconcile` every ``reconcile_interval_seconds``.
 
@@ -150,42 +150,27 @@ class Reconciler:
         self._running = timedelta(seconds=settings.reconcile_running_after_seconds)
         self._worker_lost = timedelta(seconds=settings.reconcile_worker_lost_after_seconds)
         self._interval = settings.reconcile_interval_seconds
-        self._poll = min(settings.delivery_poll_seconds, self._interval)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
         # Intervals by the monotonic clock, which no wall-clock step moves.
-        next_pass = time.monotonic() + self._interval
-        while not self._stop.wait(self._poll):
-            try:
-                send_due(self._sessions, self._celery, database_now(self._sessions))
-            except Exception:
-                log.exception("delivery scheduler pass failed")
-            if time.monotonic() < next_pass:
-                continue
-            next_pass = time.monotonic() + self._interval
-            try:
-                depth = queue_depth(self._celery, self._settings)
-                reconcile(
-                    self._sessions,
-                    self._celery,
-                    queued_deadline=self._queued,
-                    running_deadline=self._running,
-                    worker_lost_after=self._worker_lost,
-                    waiting=depth[task_names.INFERENCE_QUEUE],
-                    now=database_now(self._sessions),
-                    resend_after=timedelta(seconds=self._interval),
-                    delivery_waiting=depth[task_names.DELIVERY_QUEUE],
-                )
-            except Exception:
-                log.exception("reconciler pass failed")
+        self._next_pass = time.monotonic() + self._interval
+        super().__init__("reconciler", min(settings.delivery_poll_seconds, self._interval))
+
+    def tick(self) -> None:
+        try:
+            send_due(self._sessions, self._celery, database_now(self._sessions))
+        except Exception:
+            log.exception("delivery scheduler pass failed")
+        if time.monotonic() < self._next_pass:
+            return
+        self._next_pass = time.monotonic() + self._interval
+        depth = queue_depth(self._celery, self._settings)
+        reconcile(
+            self._sessions,
+            self._celery,
+            queued_deadline=self._queued,
+            running_deadline=self._running,
+            worker_lost_after=self._worker_lost,
+            waiting=depth[task_names.INFERENCE_QUEUE],
+            now=database_now(self._sessions),
+            resend_after=timedelta(seconds=self._interval),
+            delivery_waiting=depth[task_names.DELIVERY_QUEUE],
+        )

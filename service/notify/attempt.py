@@ -15,10 +15,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.models import Job, Notification, NotificationAttempt
-from service.core.notifications import OPEN, NotificationStatus, transition
+from service.core.notifications import NotificationStatus, transition
 from service.core.settings import Settings
 from service.notify.channels import Outcome, Verdict, send
 from service.notify.config import Priority
+from service.notify.dispatch import OUTBOX
 from service.notify.fhir import FhirInvalid
 from service.notify.message import Urgent
 
@@ -77,31 +78,28 @@ def _claim(
 ) -> tuple[int, int, str, Urgent] | None:
     now = datetime.now(UTC)
     with sessions.begin() as session:
-        row = session.get(Notification, notification_id)
-        if row is None or row.status not in OPEN:
-            return None
-        if attempts is None:
-            attempts = row.attempts
-        if row.next_attempt_at is not None and row.next_attempt_at > now:
-            return None  # not due (an old message, or one sent early by hand)
-        timeout = next((c.timeout_seconds for c in settings.notify_channels if c.name == row.channel), 0.0)
-        if not transition(
-            session,
-            notification_id,
-            NotificationStatus.SENDING,
-            if_attempts=attempts,
-            now=now,
-            attempts=attempts + 1,
-            tries=row.tries + 1,
-            next_attempt_at=now + timedelta(seconds=timeout) + LEASE_SLACK,
-            dispatched_at=None,
-        ):
-            log.info(
-                "notification=%d attempt %d already made; message dropped", notification_id, attempts + 1
+
+        def hold(row: Notification, count: int) -> bool:
+            channels = settings.notify_channels
+            timeout = next((c.timeout_seconds for c in channels if c.name == row.channel), 0.0)
+            return transition(
+                session,
+                notification_id,
+                NotificationStatus.SENDING,
+                if_attempts=count,
+                now=now,
+                attempts=count + 1,
+                tries=row.tries + 1,
+                next_attempt_at=now + timedelta(seconds=timeout) + LEASE_SLACK,
+                dispatched_at=None,
             )
+
+        taken = OUTBOX.take(session, notification_id, attempts, now, hold)
+        if taken is None:
             return None
+        row, count = taken
         session.refresh(row)
-        return attempts + 1, row.tries, row.channel, urgent(session, row)
+        return count + 1, row.tries, row.channel, urgent(session, row)
 
 
 def urgent(session: Session, row: Notification) -> Urgent:

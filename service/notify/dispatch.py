@@ -1,6 +1,6 @@
 """Sending notifications that are due, from the listener's scheduler, as Celery tasks by name.
 
-The same scheme as deliveries (service.core.deliveries): the row owns its due time, the scheduler sends a
+The same mechanism as deliveries (service.core.outbox): the row owns its due time, the scheduler sends a
 message for each due row once (a compare-and-set on ``dispatched_at``), a worker's delivery-queue task
 makes one attempt (service.notify.attempt), and a message that never led to an attempt is sent again
 after a reconcile interval. A worker that died mid-send leaves its row ``sending`` until the lease in
@@ -10,16 +10,17 @@ after a reconcile interval. A worker that died mid-send leaves its row ``sending
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import database_now
 from service.core.models import Notification
 from service.core.notifications import OPEN, NotificationStatus, transition
+from service.core.outbox import Outbox
+from service.core.periodic import Periodic
 from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 NOTIFY_TASK = "cxr.notify"
 NOTIFY_QUEUE = "delivery"
 BATCH = 200
-_OPEN = [str(s) for s in OPEN]
 
 
 def _enqueue(celery: Celery, notification_id: int, attempts: int) -> None:
@@ -41,72 +41,19 @@ def _enqueue(celery: Celery, notification_id: int, attempts: int) -> None:
     )
 
 
-def _send(
-    sessions: sessionmaker[Session],
-    celery: Celery,
-    rows: list[tuple[int, int, datetime | None]],
-    now: datetime,
-) -> list[int]:
-    sent: list[int] = []
-    for notification_id, attempts, dispatched_at in rows:
-        with sessions.begin() as session:
-            claim = update(Notification).where(
-                Notification.id == notification_id,
-                Notification.status.in_(_OPEN),
-                Notification.dispatched_at.is_(None)
-                if dispatched_at is None
-                else Notification.dispatched_at == dispatched_at,
-            )
-            result: CursorResult[object] = session.execute(claim.values(dispatched_at=now))  # type: ignore[assignment]
-            if result.rowcount == 0:
-                continue  # another replica sent it first
-        try:
-            _enqueue(celery, notification_id, attempts)
-        except Exception as exc:
-            log.warning(
-                "notification=%d not sent (%s: broker away?); next pass", notification_id, type(exc).__name__
-            )
-            with sessions.begin() as session:
-                session.execute(
-                    update(Notification)
-                    .where(Notification.id == notification_id, Notification.dispatched_at == now)
-                    .values(dispatched_at=dispatched_at)
-                )
-            break
-        sent.append(notification_id)
-    return sent
+OUTBOX = Outbox(Notification, "notification", frozenset(str(s) for s in OPEN), _enqueue, BATCH)
 
 
 def send_due(sessions: sessionmaker[Session], celery: Celery, now: datetime) -> list[int]:
     """A message for each open notification that is due and has none out yet."""
-    with sessions() as session:
-        rows = session.execute(
-            select(Notification.id, Notification.attempts, Notification.dispatched_at)
-            .where(
-                Notification.status.in_(_OPEN),
-                Notification.next_attempt_at <= now,
-                Notification.dispatched_at.is_(None),
-            )
-            .order_by(Notification.next_attempt_at)
-            .limit(BATCH)
-        ).all()
-    return _send(sessions, celery, [tuple(r) for r in rows], now)  # type: ignore[misc]
+    return OUTBOX.send_due(sessions, celery, now)
 
 
 def resend_lost(
     sessions: sessionmaker[Session], celery: Celery, now: datetime, after: timedelta
 ) -> list[int]:
     """Again, the messages sent ``after`` ago that led to no attempt (a broker or worker lost them)."""
-    with sessions() as session:
-        rows = session.execute(
-            select(Notification.id, Notification.attempts, Notification.dispatched_at)
-            .where(Notification.status.in_(_OPEN), Notification.dispatched_at < now - after)
-            .limit(BATCH)
-        ).all()
-    sent = _send(sessions, celery, [tuple(r) for r in rows], now)  # type: ignore[misc]
-    for notification_id in sent:
-        log.warning("notification=%d sent again (its message never led to an attempt)", notification_id)
-    return sent
+    return OUTBOX.resend_lost(sessions, celery, now, after)
 
 
 def expire_leases(sessions: sessionmaker[Session], now: datetime) -> list[int]:
@@ -147,29 +94,21 @@ def replay(session: Session, notification_id: int, now: datetime) -> bool:
     )
 
 
-class Scheduler:
+class Scheduler(Periodic):
     """A daemon thread beside the listener's reconciler: due notifications every ``delivery_poll_seconds``;
     lapsed leases and lost messages every ``reconcile_interval_seconds``. Its clock is the database's."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
         self._sessions = sessions
         self._celery = celery
-        self._poll = settings.delivery_poll_seconds
         self._interval = timedelta(seconds=settings.reconcile_interval_seconds)
         self._enabled = bool(settings.notify_channels)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._last_sweep: datetime | None = None
+        super().__init__("notify-scheduler", settings.delivery_poll_seconds)
 
     def start(self) -> None:
-        if not self._enabled:
-            return
-        self._thread = threading.Thread(target=self._run, name="notify-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._enabled:
+            super().start()
 
     def run_once(self, now: datetime, sweep: bool) -> list[int]:
         if sweep:
@@ -177,14 +116,9 @@ class Scheduler:
             resend_lost(self._sessions, self._celery, now, self._interval)
         return send_due(self._sessions, self._celery, now)
 
-    def _run(self) -> None:
-        last_sweep: datetime | None = None
-        while not self._stop.wait(self._poll):
-            try:
-                now = database_now(self._sessions)
-                sweep = last_sweep is None or now - last_sweep >= self._interval
-                if sweep:
-                    last_sweep = now
-                self.run_once(now, sweep)
-            except Exception:
-                log.exception("notification scheduler pass failed")
+    def tick(self) -> None:
+        now = database_now(self._sessions)
+        sweep = self._last_sweep is None or now - self._last_sweep >= self._interval
+        if sweep:
+            self._last_sweep = now
+        self.run_once(now, sweep)

@@ -19,6 +19,7 @@ from service.core import deliveries
 from service.core.db import make_session_factory, migrate
 from service.core.deliveries import resend_lost, retry_delay, send_due
 from service.core.models import Delivery, DeliveryAttempt, Job, Study
+from service.core.outbox import Outbox
 from service.core.queue import make_celery
 from service.core.reconciler import reconcile
 from service.core.settings import Settings, load_settings
@@ -114,7 +115,7 @@ def test_two_listener_replicas_send_a_due_delivery_once(
     """Both replicas read the same due row; the one that marks it second must send nothing."""
     settings, sessions, celery = _setup(tmp_path)
     due = _delivery(sessions, status=DeliveryStatus.RETRYING, attempts=1, next_attempt_at=NOW)
-    real_cas = deliveries._cas
+    real_cas = Outbox.mark_sent
     other_ran = False
 
     def other_replica_first(*args: Any) -> bool:
@@ -124,7 +125,7 @@ def test_two_listener_replicas_send_a_due_delivery_once(
             assert send_due(sessions, celery, NOW) == [due]
         return real_cas(*args)
 
-    monkeypatch.setattr(deliveries, "_cas", other_replica_first)
+    monkeypatch.setattr(Outbox, "mark_sent", other_replica_first)
     assert send_due(sessions, celery, NOW) == []
     assert _deliver_args(settings) == [[due, 1]]
     # The same for a lost message sent again by two reconcilers.
@@ -138,7 +139,7 @@ def test_two_listener_replicas_send_a_due_delivery_once(
             assert resend_lost(sessions, celery, later, INTERVAL, waiting=0) == [due]
         return real_cas(*args)
 
-    monkeypatch.setattr(deliveries, "_cas", other_reconciler_first)
+    monkeypatch.setattr(Outbox, "mark_sent", other_reconciler_first)
     assert resend_lost(sessions, celery, later, INTERVAL, waiting=0) == []
     assert _deliver_args(settings) == [[due, 1], [due, 1]]
 
