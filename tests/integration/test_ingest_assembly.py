@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,9 +47,24 @@ def _broker_messages(listener: Listener) -> int:
     return len(list((listener.settings.broker_dir / "messages").glob("*.msg")))
 
 
-def _study(listener: Listener) -> Study:
+def _study(listener: Listener, study_uid: str) -> Study:
     with listener.sessions() as session:
-        return session.scalars(select(Study)).one()
+        return session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+
+
+def _statuses(listener: Listener, study_uid: str) -> list[JobStatus]:
+    study_id = _study(listener, study_uid).id
+    return [j.status for j in jobs(listener) if j.study_id == study_id]
+
+
+def _assembler_passed(listener: Listener, shared_dir: Path) -> None:
+    """Send a fresh study on an association released at once and wait until it is queued: by then the
+    assembler has looked at every study received before it (quiet for longer), so whatever it did not
+    queue, it held on purpose. The positive event that stands in for a fixed sleep."""
+    marker = generate_uid()
+    with association(scu(), listener.settings) as assoc:
+        assert store_status(assoc, _instance(shared_dir, marker)) == 0x0000
+    wait_for(lambda: _statuses(listener, marker) == [JobStatus.QUEUED])
 
 
 def test_open_association_holds_the_study_and_release_restarts_the_quiet_period(
@@ -59,15 +73,17 @@ def test_open_association_holds_the_study_and_release_restarts_the_quiet_period(
     study_uid = generate_uid()
     with association(scu(), listener.settings) as assoc:
         assert store_status(assoc, _instance(shared_dir, study_uid)) == 0x0000
-        stored_at = _study(listener).last_received_at
-        # Longer than the quiet period, but the association that is sending the study is still open.
-        time.sleep(QUIET * 3)
-        assert [j.status for j in jobs(listener)] == [JobStatus.RECEIVED]
+        stored_at = _study(listener, study_uid).last_received_at
+        # Past the quiet period (a later study was queued), but the association sending it is still open.
+        _assembler_passed(listener, shared_dir)
+        assert _statuses(listener, study_uid) == [JobStatus.RECEIVED]
         released_at = datetime.now(UTC)
     # After the release the countdown restarts from the release, not from the instance.
-    touched = wait_for(lambda: (s := _study(listener)).last_received_at > stored_at and s)
+    touched = wait_for(lambda: (s := _study(listener, study_uid)).last_received_at > stored_at and s)
     assert touched.last_received_at >= released_at
-    [job] = wait_for(lambda: [j for j in jobs(listener) if j.status == JobStatus.QUEUED])
+    job = wait_for(
+        lambda: [j for j in jobs(listener) if j.study_id == touched.id and j.status == JobStatus.QUEUED]
+    )[0]
     assert job.queued_at is not None
     assert (job.queued_at - touched.last_received_at).total_seconds() >= QUIET - 0.05
 
@@ -118,7 +134,8 @@ def test_identical_resend_after_a_finished_job_does_not_rerun(
     listener: Listener, shared_dir: Path, tmp_path: Path
 ) -> None:
     path = tmp_path / "one.dcm"
-    _instance(shared_dir, generate_uid()).save_as(path, enforce_file_format=True)
+    study_uid = generate_uid()
+    _instance(shared_dir, study_uid).save_as(path, enforce_file_format=True)
     assert (
         storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY").returncode
         == 0
@@ -130,5 +147,5 @@ def test_identical_resend_after_a_finished_job_does_not_rerun(
         storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY").returncode
         == 0
     )
-    time.sleep(QUIET * 2)
-    assert [j.status for j in jobs(listener)] == [JobStatus.DONE]
+    _assembler_passed(listener, shared_dir)
+    assert _statuses(listener, study_uid) == [JobStatus.DONE]
