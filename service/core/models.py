@@ -370,3 +370,27 @@ class StudyPurge(Base):
     purged_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     files: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class Pull(Base):
+    """An admin's request to fetch a study from the PACS: C-FIND on the Q/R peer, then C-MOVE to our
+    listener, after which the study arrives like any other. ``service.core.pulls`` holds its states.
+
+    What was asked (a Study Instance UID or an accession number) stays in this row; logs carry the id.
+    """
+
+    __tablename__ = "pulls"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    studies_found: Mapped[int] = mapped_column(Integer, default=0)
+    instances_moved: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+    # Why it failed, or what the peer's final status said: statuses and counts, never patient data.
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
