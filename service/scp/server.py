@@ -40,6 +40,7 @@ from service.core.reconciler import Reconciler
 from service.core.retention import Purger
 from service.core.settings import Settings
 from service.core.tls import server_context
+from service.dicomnet.pulls import PullRunner
 from service.dicomweb.stow_server import StowIntake, StowServer
 from service.notify.dispatch import Scheduler as NotifyScheduler
 from service.scp.assembler import StudyAssembler
@@ -114,6 +115,7 @@ class Listener:
         )
         self.reconciler = Reconciler(settings, self.sessions, self.celery)
         self.notifier = NotifyScheduler(settings, self.sessions, self.celery)
+        self.pulls = PullRunner(settings, self.sessions)  # when a pull_peer is set
         self.purger = Purger(settings, self.sessions)
         self.servers: list[ThreadedAssociationServer] = []
         self.stow: StowServer | None = None  # the STOW-RS intake, when dicomweb_port is set
@@ -163,6 +165,7 @@ class Listener:
         self.assembler.start()
         self.reconciler.start()
         self.notifier.start()
+        self.pulls.start()
         self.purger.start()
         log.info(
             "listener up ae_title=%s port=%s tls_port=%s quiet=%.1fs max_associations=%d",
@@ -221,6 +224,7 @@ class Listener:
         self.assembler.stop()
         self.reconciler.stop()
         self.notifier.stop()
+        self.pulls.stop()
         self.purger.stop()
         self.intake.close()
         return len(open_now)
