@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -144,6 +145,79 @@ def evaluate(ctx: click.Context) -> None:
     """Measure a bundle on labelled images as the worker runs it (--help: its options)."""
     # The service package never imports torch, monai or monai_train: the evaluation is its own program.
     os.execv(sys.executable, [sys.executable, "-m", "monai_train", "evaluate", *ctx.args])
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="List what is due without deleting anything.")
+@click.pass_context
+def purge(ctx: click.Context, dry_run: bool) -> None:
+    """Delete the spooled images and outputs of studies past CXR_RETENTION_DAYS (settled ones only)."""
+    from service.core.db import database_now, make_session_factory
+    from service.core.retention import purge as run_purge
+
+    sessions = make_session_factory(_settings(ctx))
+    report = run_purge(sessions, _settings(ctx), database_now(sessions), dry_run=dry_run)
+    verb = "would purge" if dry_run else "purged"
+    click.echo(
+        f"{verb} {len(report.purged)} studies: {report.files} files, {report.bytes} bytes; kept "
+        f"{report.kept_unsettled} not settled (unfinished or undelivered), {report.kept_labelled} labelled "
+        "and not exported"
+    )
+
+
+@main.command()
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), help="Jobs received from this day (UTC).")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), help="Jobs received before this day (UTC).")
+@click.option("--bundle-version", help="Only this bundle version's jobs (default: all).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the HTML report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.pass_context
+def validate(
+    ctx: click.Context,
+    since: datetime | None,
+    until: datetime | None,
+    bundle_version: str | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    """Per-finding figures of the model on the site's labelled studies (reference labels, reader feedback)."""
+    from service.core.db import make_session_factory
+    from service.site.findings import bundle_findings
+    from service.site.report import fmt, fmt_auroc, render_html
+    from service.site.validation import validate as run_validate
+
+    settings = _settings(ctx)
+    model = bundle_findings(settings.model_bundle)
+    with make_session_factory(settings)() as session:
+        report = run_validate(
+            session,
+            model.labels,
+            model.operating_points,
+            since=since.replace(tzinfo=UTC) if since else None,
+            until=until.replace(tzinfo=UTC) if until else None,
+            bundle_version=bundle_version,
+        )
+    if out is not None:
+        out.write_text(
+            render_html(report, model=" ".join(filter(None, [settings.model_bundle.name, model.version])))
+        )
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    click.echo(
+        f"{report.studies} labelled studies, {report.patients} patients"
+        " (AI-generated, not for diagnostic use)"
+    )
+    click.echo(
+        f"{'finding':<20} {'n':>5} {'pos':>5}  {'AUROC (95% CI)':<22} {'sensitivity':<18} {'specificity':<18}"
+    )
+    for f in report.findings:
+        click.echo(
+            f"{f.finding:<20} {f.studies:>5} {f.positives:>5}  {fmt_auroc(f):<22} "
+            f"{fmt(f.sensitivity):<18} {fmt(f.specificity):<18}"
+        )
+    if out is not None:
+        click.echo(f"report written to {out}")
 
 
 def _child_env(ctx: click.Context) -> dict[str, str]:

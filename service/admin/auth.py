@@ -24,7 +24,8 @@ from service.core.settings import DashboardUser, Settings
 
 log = logging.getLogger("cxr_gateway.admin")
 
-Role = Literal["admin", "viewer"]
+# viewer: reads; reader (radiologist): also finding feedback and reference labels; admin: everything.
+Role = Literal["admin", "reader", "viewer"]
 _HASHER = PasswordHasher()
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 # A file name, not a secret (bandit B105).
@@ -42,6 +43,11 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def can_review(self) -> bool:
+        """May record finding feedback and import reference labels."""
+        return self.role in ("admin", "reader")
 
 
 def hash_password(password: str) -> str:

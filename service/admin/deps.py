@@ -55,6 +55,13 @@ def require_admin(request: Request) -> Principal:
     return principal
 
 
+def require_reviewer(request: Request) -> Principal:
+    principal = current_user(request)
+    if not principal.can_review:
+        raise HTTPException(status_code=403, detail="reader or admin role required")
+    return principal
+
+
 def get_client(request: Request) -> str:
     return client_address(request.scope)
 
@@ -63,6 +70,7 @@ Ctx = Annotated[Context, Depends(get_context)]
 DB = Annotated[Session, Depends(get_session)]
 User = Annotated[Principal, Depends(current_user)]
 Admin = Annotated[Principal, Depends(require_admin)]
+Reviewer = Annotated[Principal, Depends(require_reviewer)]
 Client = Annotated[str, Depends(get_client)]
 
 

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 import secrets
 from collections.abc import Collection
 from typing import Any
@@ -37,6 +38,8 @@ PUBLIC_PATHS = frozenset({"/login", "/healthz", "/readyz"})
 PUBLIC_PREFIXES = ("/static/",)
 # Writes a viewer may make (ending their own session).
 ANY_ROLE_WRITES = frozenset({"/logout"})
+# Writes a reader may make too (service.admin.site_pages): finding feedback, reference-label imports.
+REVIEW_WRITES = re.compile(r"/(api/)?(jobs/[0-9a-f]{32}/feedback|labels)")
 # Machine-facing paths answer 401; the rest are pages and redirect to the login form.
 _API_PREFIXES = ("/api/",)
 _API_PATHS = frozenset({"/openapi.json", "/metrics"})
@@ -160,7 +163,13 @@ class Guard:
                 else:
                     await _respond(send, 401, "authentication required", basic=True)
                 return
-            if method not in SAFE_METHODS and not principal.is_admin and path not in ANY_ROLE_WRITES:
+            reviewing = principal.can_review and REVIEW_WRITES.fullmatch(path) is not None
+            if (
+                method not in SAFE_METHODS
+                and not principal.is_admin
+                and path not in ANY_ROLE_WRITES
+                and not reviewing
+            ):
                 await _respond(send, 403, "admin role required")
                 return
         await self.app(scope, receive, send)

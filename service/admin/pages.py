@@ -23,6 +23,7 @@ from service.admin.queries import JobFilter, filter_choices, job_detail, list_jo
 from service.core.models import Delivery, Job, Study
 from service.core.palette import region_colour_hex
 from service.core.status import DeliveryStatus, JobStatus
+from service.site.jobpage import job_site_context
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 PAGE_SIZES = (25, 50, 100, 200)
@@ -249,7 +250,9 @@ def _job_context(request: Request, session: DB, job_id: str) -> dict[str, Any]:
     later = session.scalars(
         select(Job.id).where(Job.study_id == job.study_id, Job.id != job.id).order_by(Job.created_at)
     ).all()
-    return {"job": detail, "operating_points": points, "related": list(later), "patient": None}
+    user = principal_of(request)
+    site = job_site_context(session, job, user.username if user else "")
+    return {"job": detail, "operating_points": points, "related": list(later), "patient": None, "site": site}
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
