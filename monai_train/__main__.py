@@ -107,6 +107,11 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
             action="store_true",
             help="equalise each image's histogram in the bundle's preprocessing (the worker applies it too)",
         )
+        p.add_argument(
+            "--clahe",
+            action="store_true",
+            help="CLAHE (8 x 8 tiles, clip 2) after the resize, in the bundle's preprocessing (worker too)",
+        )
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -243,6 +248,7 @@ def _train_config(
         image_size=args.image_size or 224,
         feature_stride=getattr(args, "feature_stride", 32),
         histogram_equalise=getattr(args, "histogram_equalise", False),
+        clahe=getattr(args, "clahe", False),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -346,6 +352,12 @@ def _evaluate_parser(sub: Any) -> None:
         default=None,
         help="a second bundle measured on the same images (neither's train/val patients): paired difference",
     )
+    ev.add_argument(
+        "--cam-method",
+        choices=("auto", "cam", "gradcam++", "gradcam"),
+        default="auto",
+        help="explanation method scored by --boxes (auto: CAM for a DenseNet head)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--threads", type=int, default=0)
@@ -412,6 +424,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             bootstrap_samples=args.bootstrap,
             seed=args.seed,
             versus=args.versus,
+            cam_method=args.cam_method,
         )
     except EvaluationError as exc:
         raise SystemExit(f"evaluate: {exc}") from exc

@@ -54,20 +54,32 @@ HISTOGRAM_EQUALISATION = {
 }
 
 
+# Contrast-limited adaptive histogram equalisation after the resize, so every image is equalised over the
+# same tile geometry whatever its resolution (a 64 px thumbnail and a 1024 px film alike).
+CLAHE = {"_target_": "worker.imaging.Clahe", "tiles": 8, "clip_limit": 2.0}
+
+
 def inference_config(
-    num_classes: int, image_size: int = 224, feature_stride: int = 32, histogram_equalise: bool = False
+    num_classes: int,
+    image_size: int = 224,
+    feature_stride: int = 32,
+    histogram_equalise: bool = False,
+    clahe: bool = False,
 ) -> dict[str, Any]:
     """The bundle's inference config; ``feature_stride`` < 32 keeps DenseNet-121's last transitions
     pool-free (`worker.inference.networks.DenseNet121Fine`) for finer class-activation maps;
     ``histogram_equalise`` equalises each display image's histogram (MONAI ``HistogramNormalize``) before
-    the resize — in the bundle's preprocessing, so the worker applies it too."""
+    the resize — in the bundle's preprocessing, so the worker applies it too; ``clahe`` adds CLAHE
+    (`worker.imaging.clahe`) after the resize, likewise."""
     if feature_stride not in FEATURE_STRIDES:
         raise ValueError(f"feature stride must be one of {sorted(FEATURE_STRIDES)}, got {feature_stride}")
     cfg = copy.deepcopy(INFERENCE_TEMPLATE)
     cfg["num_classes"] = num_classes
     cfg["image_size"] = image_size
+    transforms = cfg["preprocessing"]["transforms"]
+    if clahe:
+        transforms.insert(2, copy.deepcopy(CLAHE))  # after EnsureChannelFirst + Resize
     if histogram_equalise:
-        transforms = cfg["preprocessing"]["transforms"]
         transforms.insert(1, copy.deepcopy(HISTOGRAM_EQUALISATION))
     if feature_stride != 32:
         cfg["network_def"] = {

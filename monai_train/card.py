@@ -43,7 +43,8 @@ def _description(tc: TrainConfig, result: TrainResult, summary: dict[str, Any]) 
         f"{va['patients']}, held-out test {te['images']} / {te['patients']}), split by patient with seed "
         f"{tc.seed}; training images per source {tr['sources']}.",
         f"- Input: {'histogram equalisation, then ' if tc.histogram_equalise else ''}resize to "
-        f"{tc.image_size} × {tc.image_size} (area), (x − 0.5) / 0.25 on display values in "
+        f"{tc.image_size} × {tc.image_size} (area), {'CLAHE (8 × 8 tiles, clip 2), ' if tc.clahe else ''}"
+        "(x − 0.5) / 0.25 on display values in "
         "[0, 1] — `configs/inference.json`, the same definition the worker runs.",
         f"- Training: {tc.epochs} epochs, batch {tc.batch_size}, AdamW (weight decay {tc.weight_decay}), "
         f"one-cycle LR peak {tc.lr}, loss {tc.loss} with pos_weight = neg/pos clipped to "

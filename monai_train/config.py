@@ -23,6 +23,7 @@ class TrainConfig:
     image_size: int = 224
     feature_stride: int = 32  # 8: 16 × 16 CAM cells at 128² (worker.inference.networks.DenseNet121Fine)
     histogram_equalise: bool = False  # per-image histogram equalisation in the bundle's preprocessing
+    clahe: bool = False  # CLAHE (worker.imaging.clahe) after the resize, in the bundle's preprocessing
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-3  # one-cycle peak
@@ -77,6 +78,7 @@ _LEARNING_SETTINGS = (
     "image_size",
     "feature_stride",
     "histogram_equalise",
+    "clahe",
     "epochs",
     "batch_size",
     "lr",

@@ -131,10 +131,12 @@ def score_boxes(
 
     The region and its peak are `worker.regions.finding_region`'s: exactly what the SR, SC and GSPS mark.
     A pointing hit: the peak lies in the box. A box hit: the drawn region overlaps the box. Chance: the
-    hit rate of a point drawn uniformly over the image (the box's share of the image area).
+    hit rate of a point drawn uniformly over the image (the box's share of the image area). The drawn
+    regions' mean share of the image says how cheap a box hit was: a larger region overlaps more boxes.
     """
     per: dict[str, dict[str, int]] = {}
     chance: list[float] = []
+    areas: list[float] = []
     hits = box_hits = 0
     used = 0
     for box in boxes:
@@ -157,6 +159,7 @@ def score_boxes(
         mask = Image.new("1", (cols, rows), 0)
         ImageDraw.Draw(mask).polygon(list(region.polygon), fill=1)
         arr = np.asarray(mask, dtype=bool)
+        areas.append(float(arr.mean()))
         r0, r1 = max(int(y0), 0), min(int(np.ceil(y1)), rows)
         c0, c1 = max(int(x0), 0), min(int(np.ceil(x1)), cols)
         box_hit = bool(arr[r0:r1, c0:c1].any()) if r1 > r0 and c1 > c0 else False
@@ -169,6 +172,7 @@ def score_boxes(
         "pointing_game": round(hits / used, 6) if used else None,
         "box_hit_rate": round(box_hits / used, 6) if used else None,
         "chance_pointing": round(float(np.mean(chance)), 6) if chance else None,
+        "mean_region_area": round(float(np.mean(areas)), 6) if areas else None,
         "per_finding": per,
         "box_space": box_space,
         "notes": [
@@ -282,6 +286,7 @@ def evaluate(
     bootstrap_samples: int = 1000,
     seed: int = 0,
     versus: Path | None = None,
+    cam_method: str = "auto",
 ) -> dict[str, Any]:
     """Write ``out`` (metrics.json) plus ``<stem>_roc.png``, ``<stem>_pr.png`` and
     ``<stem>_predictions.csv`` beside it; with ``heatmaps``, ``<dir>/<image stem>/<finding>.npy``.
@@ -349,7 +354,7 @@ def evaluate(
     box_list = read_boxes(boxes, bundle.labels) if boxes is not None else []
     keep = {b.image for b in box_list}
 
-    predictor = Predictor(bundle, threads=threads)
+    predictor = Predictor(bundle, threads=threads, cam_method=cam_method)
     t0 = time.monotonic()
     p, cams, sizes = _predict(predictor, bundle, clean, batch_size, heatmaps, keep)
     metrics: dict[str, Any] = (
@@ -404,6 +409,7 @@ def evaluate(
         _write_predictions(
             out.parent / f"{out.stem}_overlap_predictions.csv", [r.name for r in overlap], op, bundle
         )
+    metrics["cam_method"] = predictor.cam_method
     metrics["seconds"] = round(time.monotonic() - t0, 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -58,7 +58,7 @@ def _network(tc: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any], list[str
         log.info("fine-tuning from %s; output neurons kept for %s", tc.init_from, shared or "no label")
         return net, cfg, shared
     torch.manual_seed(tc.seed)
-    cfg = inference_config(len(tc.labels), tc.image_size, tc.feature_stride, tc.histogram_equalise)
+    cfg = inference_config(len(tc.labels), tc.image_size, tc.feature_stride, tc.histogram_equalise, tc.clahe)
     return build_network(cfg), cfg, []
 
 

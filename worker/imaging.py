@@ -31,11 +31,14 @@ from service.core.status import ReasonCode
 
 __all__ = [
     "DICOM_SUFFIXES",
+    "Clahe",
     "DisplayImage",
     "PixelDataError",
+    "clahe",
     "codestream_size",
     "display_from_pil",
     "inversion_score",
+    "is_dicom_file",
     "looks_inverted",
     "read_display_file",
     "read_display_pixels",
@@ -466,3 +469,65 @@ def display_from_pil(im: Image.Image) -> FloatImage:
     if arr.ndim != 2:
         raise PixelDataError(ReasonCode.NOT_2D_GREY, f"image of mode {mode} did not become 2-D ({arr.shape})")
     return np.clip(arr, 0.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- CLAHE
+
+
+def clahe(image: npt.ArrayLike, *, tiles: int = 8, clip_limit: float = 2.0, bins: int = 256) -> FloatImage:
+    """Contrast-limited adaptive histogram equalisation (Zuiderveld 1994) of a display image in [0, 1].
+
+    The image is cut into ``tiles`` × ``tiles`` tiles; each tile's histogram is clipped at ``clip_limit``
+    times its mean bin count (the excess spread evenly over all bins, as OpenCV does), its cumulative
+    histogram is the tile's grey mapping, and every pixel takes the bilinear blend of the mappings of the
+    four tiles whose centres surround it (the nearest ones at the borders). A leading axis of length 1
+    (channel-first) is kept. Numpy only, so the worker's decoder processes and training run the same code.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    squeeze = arr.ndim == 3 and arr.shape[0] == 1
+    img = arr[0] if squeeze else arr
+    if img.ndim != 2:
+        raise ValueError(f"CLAHE needs a 2-D image, got shape {arr.shape}")
+    rows, cols = img.shape
+    tiles_y, tiles_x = min(tiles, rows), min(tiles, cols)
+    q = np.clip((np.nan_to_num(img) * bins).astype(np.int64), 0, bins - 1)
+    ty = np.minimum(np.arange(rows) * tiles_y // rows, tiles_y - 1)  # tile of each row / column
+    tx = np.minimum(np.arange(cols) * tiles_x // cols, tiles_x - 1)
+    tile = ty[:, None] * tiles_x + tx[None, :]
+    hist = np.bincount((tile * bins + q).ravel(), minlength=tiles_y * tiles_x * bins)
+    hist = hist.reshape(tiles_y * tiles_x, bins).astype(np.float64)
+    counts = hist.sum(axis=1, keepdims=True)
+    limit = np.maximum(clip_limit * counts / bins, 1.0)
+    excess = np.maximum(hist - limit, 0.0).sum(axis=1, keepdims=True)
+    hist = np.minimum(hist, limit) + excess / bins
+    maps = (np.cumsum(hist, axis=1) / np.maximum(counts, 1.0)).reshape(tiles_y, tiles_x, bins)
+    y0, y1, wy = _tile_neighbours(rows, tiles_y)
+    x0, x1, wx = _tile_neighbours(cols, tiles_x)
+    top = maps[y0[:, None], x0[None, :], q] * (1 - wx) + maps[y0[:, None], x1[None, :], q] * wx
+    bottom = maps[y1[:, None], x0[None, :], q] * (1 - wx) + maps[y1[:, None], x1[None, :], q] * wx
+    out = (top * (1 - wy[:, None]) + bottom * wy[:, None]).astype(np.float32)
+    return out[None] if squeeze else out
+
+
+def _tile_neighbours(
+    n: int, tiles: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """For each of ``n`` pixels along an axis: the tiles whose centres lie before/after it and the weight
+    of the latter (clamped to the first/last tile at the borders)."""
+    pos = (np.arange(n) + 0.5) * tiles / n - 0.5  # in units of tiles, 0 = first tile's centre
+    lo = np.clip(np.floor(pos), 0, tiles - 1).astype(np.int64)
+    hi = np.minimum(lo + 1, tiles - 1)
+    weight = np.clip(pos - lo, 0.0, 1.0)
+    return lo, hi, weight
+
+
+class Clahe:
+    """CLAHE as a step of the bundle's preprocessing (``configs/inference.json``: ``worker.imaging.Clahe``),
+    so the worker and training apply the one implementation with the one set of parameters."""
+
+    def __init__(self, tiles: int = 8, clip_limit: float = 2.0) -> None:
+        self.tiles = tiles
+        self.clip_limit = clip_limit
+
+    def __call__(self, image: npt.ArrayLike) -> FloatImage:
+        return clahe(image, tiles=self.tiles, clip_limit=self.clip_limit)

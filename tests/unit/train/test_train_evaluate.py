@@ -142,12 +142,15 @@ def test_cli_evaluate_with_boxes_writes_the_json(
             "50",
             "--threads",
             "1",
+            "--cam-method",
+            "gradcam++",
         ]
     )
     m = json.loads(out.read_text())
     loc = m["localisation"]
     # A whole-image box: hit by any region (the 32 px test bundle's 1 x 1 map may be empty: no region).
     assert loc["boxes"] == 1 and loc["pointing_game"] == loc["box_hit_rate"] in (0.0, 1.0)
+    assert m["cam_method"] == "gradcam++" and loc["mean_region_area"] in (None, 1.0)
     assert m["bootstrap"]["samples"] == 50 and m["overlap_check"] == "docs/splits.csv"
     assert set(m["auroc_ci95"]) == set(m["auroc"])
 
