@@ -35,9 +35,26 @@ SUBMAKE := $(MAKE) --no-print-directory
 test:
 	@MAKE='$(SUBMAKE)' VENV='$(VENV)' PYTHON='$(PYTHON)' tests/peers.sh $(SUBMAKE) lint pytest
 
-# pytest alone, against whatever peers answer (`make test` provides them).
+# pytest alone, against whatever peers answer (`make test` provides them), under coverage of service/ and
+# worker/ (pyproject.toml [tool.coverage.*]; the gateway's own processes too). It ends with one line of
+# totals; per file: build/coverage/report.txt, html/index.html, coverage.xml. A total under fail_under fails
+# the run, unless the run is partial on purpose (PYTEST_ARGS given, or no ../shared: its tests skip).
+COVERAGE := $(BIN)/python -m coverage
+COV_GATE := $(if $(strip $(PYTEST_ARGS))$(if $(wildcard ../shared),,absent),--fail-under=0,)
 pytest: $(VENV)/.installed
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@rm -rf build/coverage
+	@status=0; $(COVERAGE) run -m pytest $(PYTEST_ARGS) || status=$$?; \
+	$(COVERAGE) combine --quiet || exit $$(( status ? status : 1 )); \
+	$(COVERAGE) report --fail-under=0 >build/coverage/report.txt; \
+	$(COVERAGE) html --quiet --fail-under=0; $(COVERAGE) xml --quiet --fail-under=0; \
+	pkgs=; for pkg in service worker; do \
+	  pkgs="$$pkgs $$pkg $$($(COVERAGE) report --include="$$pkg/*" --format=total --fail-under=0)%"; \
+	done; \
+	gate=$$($(COVERAGE) report --format=total $(COV_GATE)) \
+	  || { status=$$(( status ? status : 2 )); echo "$$gate" | sed -n 's/^Coverage failure: //p'; }; \
+	echo "coverage:$$pkgs, total $$($(COVERAGE) report --format=total --fail-under=0)%" \
+	  "(statements and branches; per file: build/coverage/report.txt)"; \
+	exit $$status
 
 # Orthanc (DICOMweb) + OHIF + the gateway on this machine, the shared chest studies sent, links printed;
 # Ctrl-C stops it all. See deploy/demo/run_demo.sh (ports, DEMO_STUDIES).
