@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,6 +34,7 @@ from service.core.models import (
     StudyExport,
     StudyPurge,
 )
+from service.core.periodic import Periodic
 from service.core.settings import Settings
 from service.core.status import FINAL_JOB_STATUSES, DeliveryStatus
 
@@ -237,28 +237,14 @@ def disk_use(settings: Settings, now: datetime) -> dict[str, list[AgeBucket]]:
     return out
 
 
-class Purger:
+class Purger(Periodic):
     """A daemon thread of the listener: :func:`purge` every ``retention_interval_seconds`` (the first pass
     one interval after start). Its clock is the database's."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__("retention", settings.retention_interval_seconds)
         self._settings = settings
         self._sessions = sessions
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._settings.retention_interval_seconds):
-            try:
-                purge(self._sessions, self._settings, database_now(self._sessions))
-            except Exception:
-                log.exception("retention pass failed")
+    def tick(self) -> None:
+        purge(self._sessions, self._settings, database_now(self._sessions))

@@ -61,9 +61,10 @@ def _study(
     deliveries: list[DeliveryStatus] = (DeliveryStatus.DELIVERED,),  # type: ignore[assignment]
     *,
     days_ago: float = 40,
+    now: datetime = NOW,
 ) -> tuple[str, list[Path]]:
     """A job with two spooled files and an output folder on disk; returns (job id, every file)."""
-    received = NOW - timedelta(days=days_ago)
+    received = now - timedelta(days=days_ago)
     job_id = make_job(
         sessions,
         status,
