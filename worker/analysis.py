@@ -28,6 +28,7 @@ from worker.outputs import (
     image_outputs,
     not_analysed_output,
 )
+from worker.priority import image_priority, mark_priority
 from worker.regions import Region, finding_region
 from worker.runtime import Runtime
 
@@ -69,8 +70,11 @@ def analyse(rows: list[tuple[str, Path]], study_uid: str, job_id: str, rt: Runti
         zip(admission.eligible, prediction.probabilities, prediction.cams, strict=True), start=1
     ):
         image = _image_result(bundle, src, display, scores, cams, n, job_id, notes)
-        outputs.extend(_image_outputs(image, n, study, wanted, job_id, notes))
-        result["images"].append(_image_json(image, calibrated=study.algorithm.calibrated))
+        entry = _image_json(image, calibrated=study.algorithm.calibrated)
+        built = _image_outputs(image, n, study, wanted, job_id, notes)
+        mark_priority(built, image_priority(rt.settings.notify_rules, entry, result["bundle"]))
+        outputs.extend(built)
+        result["images"].append(entry)
     result["gate"] = admission.reasons
     if notes:
         result["notes"] = notes

@@ -27,6 +27,7 @@ from tests.support.net import free_port
 from tests.support.orthanc import OrthancServer
 from tests.support.peers import require_peer
 from worker.delivery import deliver
+from worker.dicom.priority import read_priority
 
 CR = "dicom/chest/cr-pa-mono1-explicit-le.dcm"
 SC = "dicom/chest/sc-pa-jpeg-baseline.dcm"
@@ -167,7 +168,10 @@ def test_a_study_through_serve_reaches_orthanc_by_stow_rs(tmp_path: Path, shared
                 "outputs": ["sr", "sc"],
             }
         ]
-        with GatewayProcesses(tmp_path / "gw", commands=["serve"], destinations=destinations) as gw:
+        # A rule that always fires (min_score 0): the SR carries its priority hint.
+        rules = '[{"name": "any-ptx", "finding": "Pneumothorax", "min_score": 0.0, "priority": "stat"}]'
+        env = {"CXR_NOTIFY_RULES": rules}
+        with GatewayProcesses(tmp_path / "gw", commands=["serve"], destinations=destinations, env=env) as gw:
             sent = storescu("127.0.0.1", gw.listener_port, [shared_dir / CR], called_aet=gw.ae_title)
             assert sent.returncode == 0, sent.stderr
             done = gw.wait_for_jobs(
@@ -185,3 +189,8 @@ def test_a_study_through_serve_reaches_orthanc_by_stow_rs(tmp_path: Path, shared
         kinds = {item["00080060"]["Value"][0] for item in found}
         # Two series: the findings SR and the heatmap Secondary Capture (its modality is the source's).
         assert len(found) == 2 and "SR" in kinds, json.dumps(found)[:500]
+        (sr_series,) = [item for item in found if item["00080060"]["Value"][0] == "SR"]
+        sr_uid = sr_series["0020000E"]["Value"][0]
+        (sr_id,) = [i["ID"] for i in orthanc.instances_of_series(sr_uid)]
+        sr = dcmread(orthanc.download_instance(sr_id, tmp_path / "sr.dcm"))
+        assert read_priority(sr) == "stat"
