@@ -213,6 +213,8 @@ def echo(settings: Settings, target: str) -> EchoOut:
         if kind != "destination" or not index.isdigit() or int(index) >= len(settings.destinations):
             raise ActionError(404, "no such peer to echo")
         d = settings.destinations[int(index)]
+        if d.type == "dicomweb":
+            raise ActionError(422, "no C-ECHO to a DICOMweb destination (see its deliveries)")
         peer = scu.Peer(d.ae_title, d.host, d.port, d.tls)
     result = scu.echo(
         peer, calling_ae_title=settings.dashboard_ae_title, tls=lambda: client_context(settings)
