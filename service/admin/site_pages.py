@@ -3,11 +3,11 @@ retention (disk use by age). Readers (radiologists) write feedback and labels; v
 
 from __future__ import annotations
 
-import base64
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
@@ -23,7 +23,7 @@ from service.core.settings import Settings
 from service.site import feedback, labels
 from service.site.feedback import FeedbackError, Verdict
 from service.site.findings import ModelFindings, bundle_findings
-from service.site.report import calibration_png, fmt, fmt_auroc, render_html, roc_png
+from service.site.report import charts_base64, fmt, fmt_auroc, render_html
 from service.site.validation import ValidationReport, validate
 
 router = APIRouter()
@@ -219,77 +219,65 @@ DayField = Annotated[str, Query(max_length=10)]
 VersionField = Annotated[str, Query(max_length=64)]
 
 
-def _validation(
-    session: Session, settings: Settings, since: str, until: str, version: str
-) -> ValidationReport:
-    model = _model(settings)
-    return validate(
-        session,
-        model.labels,
-        model.operating_points,
-        since=_day(since),
-        until=_day(until),
-        bundle_version=version or None,
-    )
+@dataclass(frozen=True)
+class ValidationQuery:
+    """The validation's filters, shared by its JSON, its page and its report."""
+
+    since: str
+    until: str
+    bundle_version: str
+
+    def run(self, session: Session, settings: Settings) -> ValidationReport:
+        model = _model(settings)
+        return validate(
+            session,
+            model.labels,
+            model.operating_points,
+            since=_day(self.since),
+            until=_day(self.until),
+            bundle_version=self.bundle_version or None,
+        )
+
+
+def validation_query(
+    since: DayField = "", until: DayField = "", bundle_version: VersionField = ""
+) -> ValidationQuery:
+    return ValidationQuery(since, until, bundle_version)
+
+
+Filters = Annotated[ValidationQuery, Depends(validation_query)]
 
 
 @router.get("/api/validation", tags=["site"])
-def api_validation(
-    session: DB,
-    ctx: Ctx,
-    user: User,
-    since: DayField = "",
-    until: DayField = "",
-    bundle_version: VersionField = "",
-) -> dict[str, Any]:
+def api_validation(session: DB, ctx: Ctx, user: User, query: Filters) -> dict[str, Any]:
     """Per-finding figures on the labelled studies at the bundle's operating points, with 95 % intervals."""
-    return _validation(session, ctx.settings, since, until, bundle_version).as_json()
+    return query.run(session, ctx.settings).as_json()
 
 
 @pages.get("/validation", response_class=HTMLResponse)
-def validation_page(
-    request: Request,
-    session: DB,
-    ctx: Ctx,
-    user: User,
-    since: DayField = "",
-    until: DayField = "",
-    bundle_version: VersionField = "",
-) -> HTMLResponse:
-    report = _validation(session, ctx.settings, since, until, bundle_version)
+def validation_page(request: Request, session: DB, ctx: Ctx, user: User, query: Filters) -> HTMLResponse:
+    report = query.run(session, ctx.settings)
     versions = session.scalars(
         select(Job.bundle_version).where(Job.bundle_version.is_not(None)).distinct()
     ).all()
-    charts = {
-        "roc": base64.b64encode(roc_png(report)).decode(),
-        "calibration": base64.b64encode(calibration_png(report)).decode(),
-    }
     return render(
         request,
         "site_validation.html",
         {
             "report": report,
-            "charts": charts if report.studies else None,
+            "charts": charts_base64(report) if report.studies else None,
             "fmt": fmt,
             "fmt_auroc": fmt_auroc,
-            "values": {"since": since, "until": until, "bundle_version": bundle_version},
+            "values": vars(query),
             "versions": sorted(v for v in versions if v),
         },
     )
 
 
 @pages.get("/validation/report.html")
-def validation_report(
-    session: DB,
-    ctx: Ctx,
-    user: User,
-    since: DayField = "",
-    until: DayField = "",
-    bundle_version: VersionField = "",
-) -> Response:
+def validation_report(session: DB, ctx: Ctx, user: User, query: Filters) -> Response:
     """The committee's copy: one self-contained HTML file, downloaded (never shown under the dashboard)."""
-    report = _validation(session, ctx.settings, since, until, bundle_version)
-    html = render_html(report, model=ctx.bundle_label)
+    html = render_html(query.run(session, ctx.settings), model=ctx.bundle_label)
     return Response(
         html,
         media_type="text/html; charset=utf-8",

@@ -118,15 +118,19 @@ def fmt_auroc(fig: FindingFigures) -> str:
     return f"{fig.auroc:.3f} ({fig.auroc_low:.3f}–{fig.auroc_high:.3f})"
 
 
-def render_html(report: ValidationReport, *, site: str = "", model: str = "") -> str:
-    """The self-contained report (inline style, images as data: URIs): one file to mail or print."""
-    charts = {
+def charts_base64(report: ValidationReport) -> dict[str, str]:
+    """The two charts as base64 PNG, for data: URIs (pages and the report carry them inline)."""
+    return {
         "roc": base64.b64encode(roc_png(report)).decode(),
         "calibration": base64.b64encode(calibration_png(report)).decode(),
     }
+
+
+def render_html(report: ValidationReport, *, site: str = "", model: str = "") -> str:
+    """The self-contained report (inline style, images as data: URIs): one file to mail or print."""
     return _ENV.get_template("validation_report.html").render(
         report=report,
-        charts=charts,
+        charts=charts_base64(report),
         fmt=fmt,
         fmt_auroc=fmt_auroc,
         site=site,
