@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.deliveries import ATTEMPT_LEASE, OUTBOX, retry_delay, transition
 from service.core.errors import PermanentError, TransientError
-from service.core.models import Delivery, DeliveryAttempt
+from service.core.models import Delivery, DeliveryAttempt, Job
 from service.core.settings import AnyDestination, Settings
-from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, ReasonCode
+from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, Mode, ReasonCode
 from worker.outputs import Output
 from worker.senders import sender_for
 
@@ -32,8 +32,14 @@ def fan_out(
     """One delivery row per output and destination that wants it, due now; the ids of those to send.
 
     A task redelivered after a worker died finds the rows of its first run: they are reused, and those
-    already delivered are not sent again.
+    already delivered are not sent again. Shadow destinations get no row (nothing of theirs can be sent);
+    the job records whether any live destination was there (its mode).
     """
+    live = [dest for dest in destinations if dest.mode != Mode.SHADOW]
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.mode = Mode.SHADOW if destinations and not live else Mode.LIVE
+    destinations = live
     existing = {
         (d.sop_instance_uid, d.ae_title, d.host, d.port): d
         for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))

@@ -99,6 +99,9 @@ class Job(Base):
     reason_detail: Mapped[str | None] = mapped_column(Text)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     bundle_version: Mapped[str | None] = mapped_column(String(64))
+    # live: some destination received its outputs; shadow: none did (service.core.status.Mode). Set when
+    # the worker settles the job; None before.
+    mode: Mapped[str | None] = mapped_column(String(8))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The Celery node that claimed the job last (a ``workers`` row): a lapsed heartbeat there means the
@@ -394,3 +397,52 @@ class Pull(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+# Issue 17, the site loop: operating points, bundles, candidate results. --------------------------------
+
+
+class OperatingPointSet(Base):
+    """One version of the site's thresholds for one bundle version: append-only. The active set is the
+    newest row of the live bundle's version; ``thresholds`` empty means the bundle's own defaults (a
+    revert to them is a new row too). Each row is audited by whoever wrote it."""
+
+    __tablename__ = "operating_point_sets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # the version number shown and recorded
+    bundle_version: Mapped[str] = mapped_column(String(64), index=True)
+    thresholds: Mapped[dict[str, Any]] = mapped_column(JSON)  # finding → threshold; only site-set ones
+    # How each was chosen, e.g. {"Effusion": "sensitivity >= 0.90 on 120 studies"}, or "revert to 3".
+    reason: Mapped[str] = mapped_column(Text)
+    username: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BundleRecord(Base):
+    """A registered model bundle: the live one serves the PACS, candidates run in shadow beside it."""
+
+    __tablename__ = "bundles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # service.site.bundles.BundleStatus
+    registered_by: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobResult(Base):
+    """A candidate bundle's result on a job (the live bundle's is the job's own ``result``): scores and
+    calls only, no output object, so nothing of it can reach the PACS."""
+
+    __tablename__ = "job_results"
+    __table_args__ = (UniqueConstraint("job_id", "bundle_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    bundle_version: Mapped[str] = mapped_column(String(64), index=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Discriminator, Field, SecretStr, Tag, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.core.status import DEFAULT_OUTPUTS
+from service.core.status import DEFAULT_OUTPUTS, Mode
 from service.dicomweb.config import DicomwebDestination, DicomwebSource, Outputs
 from service.notify.config import Channel as NotifyChannel
 from service.notify.config import NotifyRule, check_notify_config
@@ -35,6 +35,8 @@ class Destination(BaseModel):
     outputs: Outputs = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
     # C-STORE is the default kind; {"type": "dicomweb", ...} is a DicomwebDestination (STOW-RS).
     type: Literal["dimse"] = "dimse"
+    # live: results are sent; shadow: kept on the gateway only. Unset: the global CXR_MODE.
+    mode: Mode | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -306,6 +308,23 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_notify(self) -> Settings:
         check_notify_config(self.notify_rules, self.notify_channels)
+    # The site loop (service.site): the default mode of destinations that name none (shadow: jobs run and
+    # their outputs stay on the gateway, nothing is sent); the population stability index above which a
+    # drift item is flagged, over drift_weeks weekly windows; the HMAC key of export-training's
+    # pseudonyms (generated into data_dir/export-secret when unset; keep it to keep pseudonyms stable).
+    mode: Mode = Mode.LIVE
+    drift_psi_warn: float = Field(default=0.2, gt=0.0)
+    drift_weeks: int = Field(default=8, ge=1, le=104)
+    export_secret: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _resolve_modes(self) -> Settings:
+        # Each destination's effective mode, so the worker reads one field and never the default.
+        for dest in self.destinations:
+            if dest.mode is None:
+                dest.mode = self.mode
+        return self
+
         return self
 
     @model_validator(mode="after")

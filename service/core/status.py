@@ -21,6 +21,14 @@ class JobStatus(StrEnum):
 FINAL_JOB_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.SKIPPED})
 
 
+class Mode(StrEnum):
+    """Where a destination's results go: ``live`` sends them to the PACS; ``shadow`` keeps them on the
+    gateway only (viewable in the dashboard, no delivery row), for a site trying the model silently."""
+
+    LIVE = "live"
+    SHADOW = "shadow"
+
+
 class DeliveryStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"

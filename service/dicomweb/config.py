@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from service.core.status import DEFAULT_OUTPUTS, OutputKind
+from service.core.status import DEFAULT_OUTPUTS, Mode, OutputKind
 
 _OUTPUT_NAMES = [kind.value for kind in OutputKind]
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,16}$")
@@ -76,6 +76,7 @@ class DicomwebDestination(BaseModel):
     auth: DestinationAuth | None = None
     outputs: Outputs = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
     timeout_seconds: float = Field(default=30.0, gt=0.0, le=600.0)
+    mode: Mode | None = None  # live / shadow; unset: the global CXR_MODE (service.core.settings)
 
     @field_validator("name")
     @classmethod

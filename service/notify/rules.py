@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from service.core.models import Job, Notification
 from service.core.notifications import NotificationStatus
 from service.core.settings import Settings
-from service.core.status import JobStatus
+from service.core.status import JobStatus, Mode
 from service.notify.config import NotifyRule
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ def create_for_job(
     Call it where the job becomes done: only the run that finishes the job gets there, so two runs of
     one job never insert side by side.
     """
-    if not settings.notify_rules or not settings.notify_channels:
-        return []
+    if not settings.notify_rules or not settings.notify_channels or settings.mode == Mode.SHADOW:
+        return []  # a site trying the model silently (CXR_MODE=shadow) pages nobody
     # Columns, not the ORM object: the caller's transition is an UPDATE the identity map has not seen.
     row = session.execute(select(Job.status, Job.result).where(Job.id == job_id)).one_or_none()
     if row is None or row.status != JobStatus.DONE or not row.result:

@@ -69,7 +69,13 @@ def labelled_cases(
         stmt = stmt.where(Job.received_at < until)
     if bundle_version is not None:
         stmt = stmt.where(Job.bundle_version == bundle_version)
-    latest = {row.study_id: row for row in session.execute(stmt)}  # later jobs replace earlier ones
+    return study_cases(session, list(session.execute(stmt)))
+
+
+def study_cases(session: Session, rows: Sequence[Any]) -> list[StudyCase]:
+    """The labelled cases among result rows (``id`` the job, ``study_id``, ``result``,
+    ``bundle_version``, ``patient_id``; oldest first): a live job's or a candidate bundle's shadow run's."""
+    latest = {row.study_id: row for row in rows}  # later jobs replace earlier ones
     ids = list(latest)
     reference = reference_labels(session, ids)
     readers = _reader_truth(session, ids)
