@@ -5,7 +5,6 @@ instances arrive as C-STOREs from the PACS and take the intake path of any recei
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import pulls
 from service.core.errors import PermanentError, TransientError
+from service.core.periodic import Periodic
 from service.core.pulls import PullStatus
 from service.core.settings import Settings
 from service.core.tls import client_context
@@ -22,31 +22,19 @@ from service.dicomnet.scu import Peer
 log = logging.getLogger(__name__)
 
 
-class PullRunner:
+class PullRunner(Periodic):
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__("pulls", settings.pull_poll_seconds)
         self.settings = settings
         self.sessions = sessions
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self.settings.pull_peer is None:
-            return
-        self._thread = threading.Thread(target=self._run, name="pulls", daemon=True)
-        self._thread.start()
+        if self.settings.pull_peer is not None:
+            super().start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.pull_poll_seconds):
-            try:
-                while self.run_one() and not self._stop.is_set():
-                    pass
-            except Exception as exc:  # the database away: the pulls stay queued for the next pass
-                log.warning("pull runner pass failed (%s)", type(exc).__name__)
+    def tick(self) -> None:
+        while self.run_one():
+            pass
 
     def run_one(self) -> bool:
         """Run the next queued pull to its end; False when there was none."""

@@ -4,8 +4,10 @@ C-MOVE it to an AE (our listener), on associations opened like every other (``sc
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import Dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -34,10 +36,21 @@ def _status(response: Dataset | None) -> int | None:
     return int(response.Status) if response is not None and "Status" in response else None
 
 
-def _no_association(exc: NoAssociation) -> Exception:
-    if exc.rejected:
-        return PermanentError(ReasonCode.DELIVERY_REFUSED, f"Q/R peer: {exc.detail}")
-    return TransientError(ReasonCode.DELIVERY_UNREACHABLE, f"Q/R peer: {exc.detail}")
+@contextmanager
+def _association(
+    peer: Peer, model: str, calling_ae_title: str, timeout: float, tls: Callable[[], ssl.SSLContext] | None
+) -> Iterator[Any]:
+    """An association for one Q/R model; no association is a TransientError (not reached) or a
+    PermanentError (rejected: our AE title is not known there)."""
+    try:
+        with associate(
+            peer, calling_ae_title=calling_ae_title, contexts=[(model, None)], timeout=timeout, tls=tls
+        ) as assoc:
+            yield assoc
+    except NoAssociation as exc:
+        if exc.rejected:
+            raise PermanentError(ReasonCode.DELIVERY_REFUSED, f"Q/R peer: {exc.detail}") from exc
+        raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, f"Q/R peer: {exc.detail}") from exc
 
 
 def find_studies(
@@ -56,24 +69,16 @@ def find_studies(
     query.StudyInstanceUID = study_uid or ""
     query.AccessionNumber = accession or ""
     found: list[str] = []
-    try:
-        with associate(
-            peer,
-            calling_ae_title=calling_ae_title,
-            contexts=[(StudyRootQueryRetrieveInformationModelFind, None)],
-            timeout=timeout,
-            tls=tls,
-        ) as assoc:
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                code = _status(status)
-                if code in PENDING and identifier is not None and identifier.get("StudyInstanceUID"):
-                    found.append(str(identifier.StudyInstanceUID))
-                elif code is None:
-                    raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, "C-FIND: no response")
-                elif code != SUCCESS and code not in PENDING:
-                    raise PermanentError(ReasonCode.DELIVERY_REFUSED, f"C-FIND status 0x{code:04X}")
-    except NoAssociation as exc:
-        raise _no_association(exc) from exc
+    model = StudyRootQueryRetrieveInformationModelFind
+    with _association(peer, model, calling_ae_title, timeout, tls) as assoc:
+        for status, identifier in assoc.send_c_find(query, model):
+            code = _status(status)
+            if code in PENDING and identifier is not None and identifier.get("StudyInstanceUID"):
+                found.append(str(identifier.StudyInstanceUID))
+            elif code is None:
+                raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, "C-FIND: no response")
+            elif code != SUCCESS and code not in PENDING:
+                raise PermanentError(ReasonCode.DELIVERY_REFUSED, f"C-FIND status 0x{code:04X}")
     return list(dict.fromkeys(found))
 
 
@@ -91,21 +96,11 @@ def move_study(
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
     final: Dataset | None = None
-    try:
-        with associate(
-            peer,
-            calling_ae_title=calling_ae_title,
-            contexts=[(StudyRootQueryRetrieveInformationModelMove, None)],
-            timeout=timeout,
-            tls=tls,
-        ) as assoc:
-            for status, _identifier in assoc.send_c_move(
-                query, move_ae_title, StudyRootQueryRetrieveInformationModelMove
-            ):
-                if _status(status) not in PENDING:
-                    final = status
-    except NoAssociation as exc:
-        raise _no_association(exc) from exc
+    model = StudyRootQueryRetrieveInformationModelMove
+    with _association(peer, model, calling_ae_title, timeout, tls) as assoc:
+        for status, _identifier in assoc.send_c_move(query, move_ae_title, model):
+            if _status(status) not in PENDING:
+                final = status
     code = _status(final)
     if code is None:
         raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, "C-MOVE: no final response")
