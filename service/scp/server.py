@@ -141,11 +141,13 @@ class Listener:
             log.warning("CXR_SOURCES is empty: any peer that knows our AE title may send")
         ae = build_ae(self.settings, self.policy)
         end = make_association_end_handler(self.studies, self.assembler.touch)
+        # A normal release says the sender is done: its studies go after the short release grace.
+        released = make_association_end_handler(self.studies, self.assembler.release)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, make_requested_handler(self.policy)),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, make_store_handler(self.intake, self.policy, self.studies, self.staging_dir)),
-            (evt.EVT_RELEASED, end),
+            (evt.EVT_RELEASED, released),
             (evt.EVT_ABORTED, end),
             (evt.EVT_CONN_CLOSE, end),
         ]

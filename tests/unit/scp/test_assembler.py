@@ -113,3 +113,87 @@ def test_busy_hold_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     clock[0] += 301  # a long-lived association that sent nothing more for this study
     assert studies.busy() == set()
     assert studies.pop(assoc) == {7}
+
+
+def test_a_released_study_goes_after_the_grace_not_the_quiet_period(
+    parts: tuple[StudyAssembler, BackPressure, set[int], int],
+) -> None:
+    assembler, _, _, study_id = parts
+    released = T0 + timedelta(seconds=0.05)
+    assembler.release([study_id], now=released)
+    assert assembler.tick(now=released + timedelta(seconds=0.1)) == []  # grace 0.2 s
+    assert len(assembler.tick(now=released + timedelta(seconds=0.2))) == 1
+
+
+def test_an_instance_after_the_release_brings_back_the_quiet_period(
+    parts: tuple[StudyAssembler, BackPressure, set[int], int],
+) -> None:
+    """Another association sent to the study after the first was released: it is not done yet."""
+    assembler, _, _, study_id = parts
+    assembler.release([study_id], now=T0)
+    later = T0 + timedelta(seconds=0.1)
+    with assembler._sessions.begin() as session:
+        session.get_one(Study, study_id).last_received_at = later  # as the intake stamps an instance
+    assert assembler.tick(now=T0 + timedelta(seconds=1)) == []
+    assert len(assembler.tick(now=later + timedelta(seconds=2))) == 1
+
+
+def test_an_aborted_association_keeps_the_quiet_period(
+    parts: tuple[StudyAssembler, BackPressure, set[int], int],
+) -> None:
+    assembler, _, _, study_id = parts
+    assembler.touch([study_id], now=T0)
+    assert assembler.tick(now=T0 + timedelta(seconds=1)) == []
+
+
+def test_a_late_instance_runs_the_study_again_once_after_the_running_job(
+    parts: tuple[StudyAssembler, BackPressure, set[int], int],
+) -> None:
+    """The study's first job is running when more of it arrives: the new job waits for it to finish,
+    never running beside it, then goes once."""
+    assembler, _, _, study_id = parts
+    assembler.release([study_id], now=T0)
+    (first,) = assembler.tick(now=T0 + timedelta(seconds=1))
+    late = T0 + timedelta(seconds=2)
+    with assembler._sessions.begin() as session:
+        session.get_one(Job, first).status = JobStatus.RUNNING
+        session.get_one(Study, study_id).last_received_at = late
+        session.add(Job(study_id=study_id, status=JobStatus.RECEIVED, received_at=late, created_at=late))
+    assembler.release([study_id], now=late)
+    assert assembler.tick(now=late + timedelta(seconds=5)) == []  # first still running
+    with assembler._sessions.begin() as session:
+        session.get_one(Job, first).status = JobStatus.DONE
+    (second,) = assembler.tick(now=late + timedelta(seconds=6))
+    assert second != first
+    assert assembler.tick(now=late + timedelta(seconds=7)) == []
+
+
+def test_the_assembler_thread_wakes_at_the_end_of_the_grace(tmp_path: Path) -> None:
+    """A release is picked up after its grace, not after the next of the thread's (long) intervals."""
+    import time
+
+    settings = load_settings(data_dir=tmp_path, study_quiet_seconds=60.0, spool_min_free_bytes=0)
+    migrate(settings)
+    sessions = make_session_factory(settings)
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        study = Study(study_instance_uid="1.2.4", last_received_at=now)
+        session.add(study)
+        session.flush()
+        session.add(Job(study_id=study.id, status=JobStatus.RECEIVED, received_at=now, created_at=now))
+        study_id = study.id
+    assembler = StudyAssembler(settings, sessions, make_celery(settings))
+    assembler.start(interval=30.0)
+    try:
+        started = time.monotonic()
+        assembler.release([study_id])
+        deadline = started + 10
+        status = JobStatus.RECEIVED
+        while status == JobStatus.RECEIVED and time.monotonic() < deadline:
+            time.sleep(0.02)
+            with sessions() as session:
+                status = JobStatus(session.scalars(select(Job.status)).one())
+        assert status == JobStatus.QUEUED
+        assert time.monotonic() - started < 5  # well under the 30 s interval and 60 s quiet period
+    finally:
+        assembler.stop()
