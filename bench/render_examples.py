@@ -15,6 +15,7 @@ from service.core.settings import DEFAULT_BUNDLE
 from worker.analysis import image_findings
 from worker.dicom.pixels import read_display_pixels
 from worker.dicom.sc import build_heatmap_sc
+from worker.dicom.sr import OutputContext
 from worker.inference.bundle import load_bundle
 from worker.inference.predictor import Predictor
 from worker.outputs import algorithm_info
@@ -42,9 +43,12 @@ def main() -> None:
             heatmaps,
             findings,
             regions,
-            algorithm_info(bundle),
-            series_instance_uid="1.2.826.0.1.3680043.10.1453.1",
-            sop_instance_uid="1.2.826.0.1.3680043.10.1453.2",
+            OutputContext(
+                algorithm=algorithm_info(bundle),
+                series_instance_uid="1.2.826.0.1.3680043.10.1453.1",
+                sop_instance_uid="1.2.826.0.1.3680043.10.1453.2",
+                series_number=9902,
+            ),
         )
         img = Image.fromarray(sc.pixel_array)
         img.thumbnail((1200, 1200))

@@ -7,7 +7,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from worker.dicom.sc import build_heatmap_sc
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
+    OutputContext,
     build_findings_sr,
     build_not_analysed_sr,
     build_results_sr,
@@ -116,14 +116,13 @@ def not_analysed_output(received: list[Dataset], reasons: dict[str, str], study:
     """One report for a study none of whose images could be analysed, each instance with its reason."""
     prefix, version = study.uid_prefix, study.algorithm.version
     sr_uid = derive_uid(prefix, study.study_uid, version, "not-analysed-sr")
-    sr = build_not_analysed_sr(
-        received,
-        {uid: explained(reason) for uid, reason in reasons.items()},
-        study.algorithm,
+    ctx = OutputContext(
+        algorithm=study.algorithm,
         series_instance_uid=study.series_uid("sr"),
         sop_instance_uid=sr_uid,
         series_number=SERIES_NUMBERS[OutputKind.SR],
     )
+    sr = build_not_analysed_sr(received, {uid: explained(reason) for uid, reason in reasons.items()}, ctx)
     path = write(sr, study.out_dir / "not-analysed-sr.dcm")
     return Output(OutputKind.REPORT, sr_uid, path, frozenset({OutputKind.SR, OutputKind.REPORT}))
 
@@ -146,7 +145,7 @@ def image_outputs(
     kinds that could not be built with the error's type: one output's failure costs only that output."""
     outputs: list[Output] = []
     failed: dict[OutputKind, str] = {}
-    for kind, build in _builders(image, study.algorithm).items():
+    for kind, build in _builders(image).items():
         # SR, report and SC always (the dashboard shows the SC); a GSPS only for a destination that asks.
         if kind == OutputKind.GSPS and kind not in wanted:
             continue
@@ -155,10 +154,13 @@ def image_outputs(
         )
         try:
             ds = build(
-                series_instance_uid=study.series_uid(kind),
-                sop_instance_uid=sop_uid,
-                series_number=SERIES_NUMBERS[kind],
-                instance_number=n,
+                OutputContext(
+                    algorithm=study.algorithm,
+                    series_instance_uid=study.series_uid(kind),
+                    sop_instance_uid=sop_uid,
+                    series_number=SERIES_NUMBERS[kind],
+                    instance_number=n,
+                )
             )
         except Exception as exc:  # a builder's bug or an input it cannot take: this output only
             failed[kind] = type(exc).__name__
@@ -167,20 +169,15 @@ def image_outputs(
     return outputs, failed
 
 
-def _builders(image: ImageResult, algo: AlgorithmInfo) -> dict[OutputKind, Callable[..., Dataset]]:
+def _builders(image: ImageResult) -> dict[OutputKind, Callable[[OutputContext], Dataset]]:
     src, findings, regions = image.src, image.findings, image.regions
     return {
-        OutputKind.SR: partial(build_findings_sr, src, findings, algo, regions=regions),
-        OutputKind.REPORT: partial(build_results_sr, src, findings, algo),
-        OutputKind.SC: partial(
-            build_heatmap_sc, src, image.display.pixels, image.heatmaps, findings, regions, algo
+        OutputKind.SR: lambda ctx: build_findings_sr(src, findings, ctx, regions=regions),
+        OutputKind.REPORT: lambda ctx: build_results_sr(src, findings, ctx),
+        OutputKind.SC: lambda ctx: build_heatmap_sc(
+            src, image.display.pixels, image.heatmaps, findings, regions, ctx
         ),
-        OutputKind.GSPS: partial(
-            build_findings_gsps,
-            src,
-            regions,
-            findings,
-            algo,
-            pixels_inverted=image.display.inverted_by_heuristic,
+        OutputKind.GSPS: lambda ctx: build_findings_gsps(
+            src, regions, findings, ctx, pixels_inverted=image.display.inverted_by_heuristic
         ),
     }

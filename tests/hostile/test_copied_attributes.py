@@ -37,6 +37,7 @@ from worker.dicom.source import ANALYSED, COPIED, IDENTITY, SourceHeaderError, c
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
+    OutputContext,
     build_findings_sr,
     build_not_analysed_sr,
     build_results_sr,
@@ -50,6 +51,9 @@ ALGORITHM = AlgorithmInfo(
 )
 FINDINGS = [FindingResult("Effusion", 0.9, 0.4), FindingResult("Mass", 0.1, 0.5)]
 PREFIX = "1.2.826.0.1.3680043.10.1453.77."
+CONTEXT = OutputContext(
+    algorithm=ALGORITHM, series_instance_uid=PREFIX + "1", sop_instance_uid=PREFIX + "2", series_number=9901
+)
 # Identity UIDs get their own test: an invalid one refuses the outputs instead of being fixed.
 MUTABLE = [keyword for keyword in COPIED if keyword not in IDENTITY]
 SIDE = 256
@@ -150,32 +154,28 @@ def _outputs(source: pydicom.Dataset, only: Any = None) -> Iterator[tuple[str, p
     heat = np.zeros((16, 16), np.float32)
     heat[10:13, 10:13] = 1.0
     regions = [r for r in [finding_region("Effusion", heat, SIDE, SIDE)] if r is not None]
-    ids = {"series_instance_uid": PREFIX + "1", "sop_instance_uid": PREFIX + "2"}
+    ids = CONTEXT
     builds: list[tuple[str, Any, Any]] = [
         (
             "sr",
             build_findings_sr,
-            lambda: build_findings_sr(source, FINDINGS, ALGORITHM, regions=regions, **ids),
+            lambda: build_findings_sr(source, FINDINGS, ids, regions=regions),
         ),
-        ("report", build_results_sr, lambda: build_results_sr(source, FINDINGS, ALGORITHM, **ids)),
+        ("report", build_results_sr, lambda: build_results_sr(source, FINDINGS, ids)),
         (
             "sc",
             build_heatmap_sc,
-            lambda: build_heatmap_sc(
-                source, display, {"Effusion": heat}, FINDINGS, regions, ALGORITHM, **ids
-            ),
+            lambda: build_heatmap_sc(source, display, {"Effusion": heat}, FINDINGS, regions, ids),
         ),
         (
             "gsps",
             build_findings_gsps,
-            lambda: build_findings_gsps(source, regions, FINDINGS, ALGORITHM, **ids),
+            lambda: build_findings_gsps(source, regions, FINDINGS, ids),
         ),
         (
             "not-analysed",
             build_not_analysed_sr,
-            lambda: build_not_analysed_sr(
-                [source], {str(source.SOPInstanceUID): "image_blank"}, ALGORITHM, **ids
-            ),
+            lambda: build_not_analysed_sr([source], {str(source.SOPInstanceUID): "image_blank"}, ids),
         ),
     ]
     for name, builder, build in builds:
@@ -295,6 +295,4 @@ def test_an_invalid_identity_refuses_the_outputs(shared_dir: Path, keyword: str,
     assert caught.value.reason in {ReasonCode.INVALID_UIDS, ReasonCode.MISSING_UIDS}
     for build in (build_results_sr, build_findings_sr):
         with pytest.raises(ValueError):
-            build(
-                source, FINDINGS, ALGORITHM, series_instance_uid=PREFIX + "1", sop_instance_uid=PREFIX + "2"
-            )
+            build(source, FINDINGS, CONTEXT)

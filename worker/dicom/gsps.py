@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from copy import deepcopy
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -54,7 +55,7 @@ from worker.dicom.source import fill_empty_type2, require_analysed
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
-    contributing_equipment,
+    OutputContext,
     series_description,
     source_header,
 )
@@ -108,12 +109,8 @@ def build_findings_gsps(
     source: pydicom.Dataset,
     regions: Sequence[Region],
     findings: Sequence[FindingResult],
-    algorithm: AlgorithmInfo,
+    ctx: OutputContext,
     *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = 9903,
-    instance_number: int = 1,
     pixels_inverted: bool = False,
 ) -> pydicom.Dataset:
     """Build a GSPS for `source` outlining `regions`, each labelled with its finding's value.
@@ -129,7 +126,57 @@ def build_findings_gsps(
     rows, columns = _check_source(header)
     by_label = _check_findings(findings)
     _check_regions(regions, by_label, rows, columns)
+    display = _take_display(header)
+    layers = _layers()
+    drawn = _Outlines.of(regions, by_label, ctx.algorithm, rows, columns)
+    corner = _corner_texts(_corner_lines(regions, findings, ctx.algorithm)[:_MAX_CORNER_LINES])
+    annotations: list[GraphicAnnotation] = []
+    if drawn.outlines:
+        annotations.append(GraphicAnnotation([header], layers[0], graphic_objects=drawn.outlines))
+        annotations.append(GraphicAnnotation([header], layers[1], text_objects=drawn.labels))
+    annotations.append(GraphicAnnotation([header], layers[2], text_objects=corner))
 
+    inverse = display.monochrome1 != pixels_inverted
+    shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
+    voi = display.voi
+    with warnings.catch_warnings():
+        # Names are copied verbatim from the source; highdicom's advice on their form is log noise here.
+        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING)
+        gsps = GrayscaleSoftcopyPresentationState(
+            referenced_images=[header],
+            device_serial_number=None,  # type: ignore[arg-type]  # Type 3: highdicom leaves it out
+            content_label=CONTENT_LABEL,
+            content_description=series_description("AI findings"),
+            graphic_annotations=annotations,
+            graphic_layers=layers,
+            graphic_groups=drawn.groups or None,
+            content_creator_name=None,  # Type 2: empty; the algorithm is in Contributing Equipment
+            voi_lut_transformations=[voi] if isinstance(voi, SoftcopyVOILUTTransformation) else None,
+            presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
+            series_description=series_description(f"{ctx.algorithm.name} outlines"),
+            **ctx.identity(),
+        )
+    if voi is not None and not isinstance(voi, SoftcopyVOILUTTransformation):
+        gsps.SoftcopyVOILUTSequence = [voi]
+    if display.modality_lut is not None:
+        gsps.ModalityLUTSequence = display.modality_lut
+    _general_series_anatomy(display.anatomy, gsps)
+    return gsps
+
+
+@dataclass(frozen=True)
+class _Display:
+    """What the presentation carries over from the source, taken out of its header."""
+
+    voi: SoftcopyVOILUTTransformation | pydicom.Dataset | None
+    modality_lut: pydicom.Sequence | None
+    monochrome1: bool
+    anatomy: pydicom.Dataset
+
+
+def _take_display(header: pydicom.Dataset) -> _Display:
+    """The source's VOI, modality LUT, polarity and anatomy; then the header is made ready for
+    highdicom (which reads the referenced image's pixel module and copies what it finds)."""
     fill_empty_type2(header)
     # highdicom reads the referenced image's pixel module. An absent (or invalid, so left out) value
     # means the default that _check_source and the pixel reader applied: one grey sample per pixel.
@@ -137,18 +184,24 @@ def build_findings_gsps(
         header.SamplesPerPixel = 1
     if "PhotometricInterpretation" not in header:
         header.PhotometricInterpretation = "MONOCHROME2"
-    voi = _voi(header)
-    modality_lut = _modality_lut(header)
-    monochrome1 = str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     anatomy = pydicom.Dataset()
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         if keyword in header:
             anatomy.add(header[keyword])
-    # What is not carried over explicitly below must not be copied by highdicom from the header.
+    display = _Display(
+        voi=_voi(header),
+        modality_lut=_modality_lut(header),
+        monochrome1=str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1",
+        anatomy=anatomy,
+    )
+    # What is not carried over explicitly must not be copied by highdicom from the header.
     for keyword in (*_VOI_KEYWORDS, "ModalityLUTSequence"):
         if keyword in header:
             delattr(header, keyword)
+    return display
 
+
+def _layers() -> list[GraphicLayer]:
     layers = [
         GraphicLayer(
             OUTLINE_LAYER, order=1, description="AI finding outlines", display_color=_lab(_OUTLINE_RGB)
@@ -160,38 +213,59 @@ def build_findings_gsps(
     ]
     for layer in layers:
         layer.GraphicLayerRecommendedDisplayGrayscaleValue = _GREY_WHITE
+    return layers
 
-    groups: list[GraphicGroup] = []
-    outlines: list[GraphicObject] = []
-    labels: list[TextObject] = []
-    taken: list[Box] = []
-    for number, region in enumerate(regions, start=1):
-        finding = by_label[region.label]
-        group = GraphicGroup(number, _truncate(f"{number} {display_name(region.label)}", _LO_MAX))
-        groups.append(group)
-        outlines.append(
-            GraphicObject(
-                graphic_type=GraphicTypeValues.POLYLINE,
-                graphic_data=np.asarray(region.polygon, dtype=np.float64),
-                units=AnnotationUnitsValues.PIXEL,
-                graphic_group=group,
-            )
-        )
-        text = _region_text(number, finding, algorithm)
-        box = _label_box(region, text, rows, columns, taken)
-        taken.append(box)
-        labels.append(
-            TextObject(
-                text_value=text,
-                units=AnnotationUnitsValues.PIXEL,
-                bounding_box=box,
-                anchor_point=region.peak,
-                text_justification=TextJustificationValues.LEFT,
-                anchor_point_visible=True,
-                graphic_group=group,
-            )
-        )
 
+@dataclass(frozen=True)
+class _Outlines:
+    """Per region: a numbered graphic group, its closed outline and its boxed label."""
+
+    groups: list[GraphicGroup]
+    outlines: list[GraphicObject]
+    labels: list[TextObject]
+
+    @staticmethod
+    def of(
+        regions: Sequence[Region],
+        by_label: Mapping[str, FindingResult],
+        algorithm: AlgorithmInfo,
+        rows: int,
+        columns: int,
+    ) -> _Outlines:
+        drawn = _Outlines([], [], [])
+        taken: list[Box] = []
+        for number, region in enumerate(regions, start=1):
+            group = GraphicGroup(number, _truncate(f"{number} {display_name(region.label)}", _LO_MAX))
+            drawn.groups.append(group)
+            drawn.outlines.append(
+                GraphicObject(
+                    graphic_type=GraphicTypeValues.POLYLINE,
+                    graphic_data=np.asarray(region.polygon, dtype=np.float64),
+                    units=AnnotationUnitsValues.PIXEL,
+                    graphic_group=group,
+                )
+            )
+            text = _region_text(number, by_label[region.label], algorithm)
+            box = _label_box(region, text, rows, columns, taken)
+            taken.append(box)
+            drawn.labels.append(
+                TextObject(
+                    text_value=text,
+                    units=AnnotationUnitsValues.PIXEL,
+                    bounding_box=box,
+                    anchor_point=region.peak,
+                    text_justification=TextJustificationValues.LEFT,
+                    anchor_point_visible=True,
+                    graphic_group=group,
+                )
+            )
+        return drawn
+
+
+def _corner_lines(
+    regions: Sequence[Region], findings: Sequence[FindingResult], algorithm: AlgorithmInfo
+) -> list[str]:
+    """The disclaimer and the algorithm; then that nothing is present, or what is present unoutlined."""
     outlined = {region.label for region in regions}
     corner = [AI_DISCLAIMER, f"{algorithm.name} {algorithm.version}"]
     if not any(finding.present for finding in findings):
@@ -202,46 +276,7 @@ def build_findings_gsps(
             for finding in findings
             if finding.present and finding.label not in outlined
         )
-    corner_texts = _corner_texts(corner[:_MAX_CORNER_LINES])
-
-    annotations: list[GraphicAnnotation] = []
-    if outlines:
-        annotations.append(GraphicAnnotation([header], layers[0], graphic_objects=outlines))
-        annotations.append(GraphicAnnotation([header], layers[1], text_objects=labels))
-    annotations.append(GraphicAnnotation([header], layers[2], text_objects=corner_texts))
-
-    inverse = monochrome1 != pixels_inverted
-    shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
-    with warnings.catch_warnings():
-        # Names are copied verbatim from the source; highdicom's advice on their form is log noise here.
-        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING)
-        gsps = GrayscaleSoftcopyPresentationState(
-            referenced_images=[header],
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
-            manufacturer=algorithm.manufacturer,
-            manufacturer_model_name=algorithm.model_name,
-            software_versions=algorithm.software_version,
-            device_serial_number=None,  # type: ignore[arg-type]  # Type 3: highdicom leaves it out
-            content_label=CONTENT_LABEL,
-            content_description=series_description("AI findings"),
-            graphic_annotations=annotations,
-            graphic_layers=layers,
-            graphic_groups=groups or None,
-            content_creator_name=None,  # Type 2: empty; the algorithm is in Contributing Equipment
-            voi_lut_transformations=[voi] if isinstance(voi, SoftcopyVOILUTTransformation) else None,
-            presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
-            contributing_equipment=[contributing_equipment(algorithm)],
-            series_description=series_description(f"{algorithm.name} outlines"),
-        )
-    if voi is not None and not isinstance(voi, SoftcopyVOILUTTransformation):
-        gsps.SoftcopyVOILUTSequence = [voi]
-    if modality_lut is not None:
-        gsps.ModalityLUTSequence = modality_lut
-    _general_series_anatomy(anatomy, gsps)
-    return gsps
+    return corner
 
 
 def _general_series_anatomy(source: pydicom.Dataset, gsps: pydicom.Dataset) -> None:

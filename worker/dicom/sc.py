@@ -29,7 +29,7 @@ from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNea
 from service.core.palette import RGB, region_colour
 from worker.dicom.codes import display_name
 from worker.dicom.source import require_analysed
-from worker.dicom.sr import AlgorithmInfo, FindingResult, contributing_equipment, source_header
+from worker.dicom.sr import FindingResult, OutputContext, source_header
 from worker.regions import Region, scale_polygon
 
 __all__ = ["HEATMAP_SERIES_SUFFIX", "build_heatmap_sc", "render_heatmap_rgb"]
@@ -89,12 +89,8 @@ def build_heatmap_sc(
     heatmaps: Mapping[str, npt.NDArray[np.floating]],
     findings: Sequence[FindingResult],
     regions: Sequence[Region],
-    algorithm: AlgorithmInfo,
+    ctx: OutputContext,
     *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = 9902,
-    instance_number: int = 1,
     max_side: int = 2048,
 ) -> pydicom.Dataset:
     """Build the heatmap Secondary Capture for `source`, in the same study, referencing it as source."""
@@ -105,6 +101,7 @@ def build_heatmap_sc(
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     if pixels.shape != (rows, columns):
         raise ValueError(f"image shape {pixels.shape} does not match the source's {rows} x {columns}")
+    algorithm = ctx.algorithm
     rendered = _render(
         pixels,
         heatmaps,
@@ -114,10 +111,28 @@ def build_heatmap_sc(
         caption=f"{algorithm.name} {algorithm.version}",
         max_side=max_side,
     )
+    sc = _sc_image(header, rendered, ctx)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = (
+        f"Heatmaps and regions of the findings above their operating points by {algorithm.name} "
+        f"{algorithm.version} "
+        f"(bundle {algorithm.bundle_hash}) over the source image; AI-generated, not for diagnostic use"
+    )[:1024]
+    sc.SourceImageSequence = [_source_reference(header)]
+    _series_anatomy(header, sc)
+    _carry_lossy_history(header, sc)
+    return sc
+
+
+def _sc_image(header: pydicom.Dataset, rendered: _Rendered, ctx: OutputContext) -> hd.sc.SCImage:
+    """The SC over the rendered picture: the source's patient and study, its orientation where known,
+    its pixel spacing scaled to the picture."""
+    rows, columns = int(header.Rows), int(header.Columns)
     orientation = _patient_orientation(header)
     anatomical = str(header.get("AnatomicalOrientationType") or "") or None
     spacing = _scaled_spacing(header, rows / rendered.image_rows, columns / rendered.image_columns)
-    prefix = f"{algorithm.name} "
+    prefix = f"{ctx.algorithm.name} "
     room = 64 - len(HEATMAP_SERIES_SUFFIX)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
@@ -127,44 +142,37 @@ def build_heatmap_sc(
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
-            manufacturer=algorithm.manufacturer,
             # highdicom insists on an orientation for PATIENT images; an unknown one is blanked below.
             patient_orientation=orientation or ("L", "F"),
             # Only with a real orientation: the placeholder is a biped one.
             anatomical_orientation_type=anatomical if orientation is not None else None,
             pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom mis-annotates it as ints
             transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-            contributing_equipment=[contributing_equipment(algorithm)],
             series_description=(prefix if len(prefix) <= room else "") + HEATMAP_SERIES_SUFFIX,
-            manufacturer_model_name=algorithm.model_name,
-            software_versions=algorithm.software_version,
+            **ctx.identity(),
         )
     if orientation is None:
         sc.PatientOrientation = []  # Type 2: empty when unknown rather than invented
         if anatomical is not None:
             sc.AnatomicalOrientationType = anatomical
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = (
-        f"Heatmaps and regions of the findings above their operating points by {algorithm.name} "
-        f"{algorithm.version} "
-        f"(bundle {algorithm.bundle_hash}) over the source image; AI-generated, not for diagnostic use"
-    )[:1024]
+    return sc
+
+
+def _source_reference(header: pydicom.Dataset) -> pydicom.Dataset:
     reference = pydicom.Dataset()
     reference.ReferencedSOPClassUID = header.SOPClassUID
     reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
     reference.PurposeOfReferenceCodeSequence = [
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
-    sc.SourceImageSequence = [reference]
-    # Only General Series attributes: View Position and Image Laterality are not in the SC IOD, so
-    # Image Laterality survives as series Laterality. That is Type 2C (required for a paired body part):
-    # R or L where the source says so, absent for a stated body part (a chest is unpaired; an empty
-    # value there fails validation), empty where nothing is known, as in the GSPS.
+    return reference
+
+
+def _series_anatomy(header: pydicom.Dataset, sc: pydicom.Dataset) -> None:
+    """Only General Series attributes: View Position and Image Laterality are not in the SC IOD, so
+    Image Laterality survives as series Laterality. That is Type 2C (required for a paired body part):
+    R or L where the source says so, absent for a stated body part (a chest is unpaired; an empty value
+    there fails validation), empty where nothing is known, as in the GSPS."""
     body_part = str(header.get("BodyPartExamined") or "")
     if body_part:
         sc.BodyPartExamined = body_part
@@ -173,8 +181,26 @@ def build_heatmap_sc(
         sc.Laterality = laterality
     elif not body_part and ("Laterality" in header or "ImageLaterality" in header):
         sc.Laterality = ""
-    _carry_lossy_history(header, sc)
-    return sc
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The picture's size: the image part (scaled) and the legend panel to its right."""
+
+    width: int
+    height: int
+    panel_width: int
+
+    @staticmethod
+    def fit(rows: int, columns: int, max_side: int) -> _Layout:
+        # Fit (image + panel) into max_side; enlarge small sources up to _MIN_LONG_SIDE for legibility.
+        natural_long = max(rows, columns + _PANEL_RATIO * rows)
+        target_long = min(max_side, max(natural_long, _MIN_LONG_SIDE))
+        scale = target_long / natural_long
+        height = max(1, min(max_side, round(rows * scale)))
+        width = max(1, round(columns * scale))
+        panel_width = max(1, min(max_side - width, round(_PANEL_RATIO * height)))
+        return _Layout(width, height, panel_width)
 
 
 def _render(
@@ -194,22 +220,43 @@ def _render(
         raise ValueError("max_side must be at least 64")
     grey = np.clip(np.nan_to_num(grey, nan=0.0), 0.0, 1.0)
     rows, columns = grey.shape
-
-    # Fit (image + panel) into max_side; enlarge small sources up to _MIN_LONG_SIDE for legibility.
-    natural_long = max(rows, columns + _PANEL_RATIO * rows)
-    target_long = min(max_side, max(natural_long, _MIN_LONG_SIDE))
-    scale = target_long / natural_long
-    height = max(1, min(max_side, round(rows * scale)))
-    width = max(1, round(columns * scale))
-    panel_width = max(1, min(max_side - width, round(_PANEL_RATIO * height)))
-    grey_small = _resize(grey, width, height)
+    size = _Layout.fit(rows, columns, max_side)
+    width, height = size.width, size.height
 
     numbers = _numbering(findings, regions)
-    x_factor, y_factor = width / columns, height / rows
-    outlines = {r.label: scale_polygon(r.polygon, x_factor, y_factor) for r in regions}
-    picture = np.repeat(grey_small[:, :, None], 3, axis=2)
-    # Heat is tinted inside each outline only, so the picture shows the reported regions and nothing
-    # else; the lowest-scoring finding is painted first, so the highest ends up on top.
+    factors = (width / columns, height / rows)
+    outlines = {r.label: scale_polygon(r.polygon, *factors) for r in regions}
+    picture = _tinted(_resize(grey, width, height), heatmaps, regions, outlines, numbers)
+
+    canvas = Image.new("RGB", (width + size.panel_width, height), (0, 0, 0))
+    canvas.paste(Image.fromarray(np.round(picture * 255.0).astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    _draw_regions(draw, size, regions, outlines, numbers, factors)
+    _draw_legend(
+        draw,
+        left=width,
+        width=size.panel_width,
+        height=height,
+        findings=findings,
+        numbers=numbers,
+        calibrated=calibrated,
+        caption=caption,
+    )
+    return _Rendered(rgb=np.asarray(canvas, dtype=np.uint8), image_rows=height, image_columns=width)
+
+
+def _tinted(
+    grey: npt.NDArray[np.float32],
+    heatmaps: Mapping[str, npt.NDArray[np.floating]],
+    regions: Sequence[Region],
+    outlines: Mapping[str, Sequence[tuple[float, float]]],
+    numbers: Mapping[str, int],
+) -> npt.NDArray[np.float32]:
+    """The grey picture as RGB with each region's heat in its colour, inside its outline only (so the
+    picture shows the reported regions and nothing else); the lowest-scoring finding is painted first,
+    so the highest ends up on top."""
+    height, width = grey.shape
+    picture = np.repeat(grey[:, :, None], 3, axis=2)
     for region in sorted(regions, key=lambda r: numbers[r.label], reverse=True):
         if region.label not in heatmaps:
             continue
@@ -218,10 +265,19 @@ def _render(
         colour = np.asarray(_hue(numbers[region.label]), dtype=np.float32) / 255.0
         alpha = _MAX_ALPHA * np.clip((heat - _MIN_HEAT) / (1.0 - _MIN_HEAT), 0.0, 1.0)
         picture = picture * (1.0 - alpha[:, :, None]) + colour[None, None, :] * alpha[:, :, None]
+    return picture
 
-    canvas = Image.new("RGB", (width + panel_width, height), (0, 0, 0))
-    canvas.paste(Image.fromarray(np.round(picture * 255.0).astype(np.uint8)), (0, 0))
-    draw = ImageDraw.Draw(canvas)
+
+def _draw_regions(
+    draw: ImageDraw.ImageDraw,
+    size: _Layout,
+    regions: Sequence[Region],
+    outlines: Mapping[str, Sequence[tuple[float, float]]],
+    numbers: Mapping[str, int],
+    factors: tuple[float, float],
+) -> None:
+    """Each region's outline (a black rim under its colour, visible on bone) and its number at its peak."""
+    width, height = size.width, size.height
     unit = max(height, 400)
     line = max(2, round(unit / 400))
     marker_size = max(14, round(unit / 28))
@@ -231,7 +287,7 @@ def _render(
         draw.line(outlines[region.label], fill=_hue(numbers[region.label]), width=line, joint="curve")
     placed: list[tuple[float, float]] = []
     for region in sorted(regions, key=lambda r: numbers[r.label]):
-        x, y = _free_spot(region.peak[0] * x_factor, region.peak[1] * y_factor, placed, marker_size)
+        x, y = _free_spot(region.peak[0] * factors[0], region.peak[1] * factors[1], placed, marker_size)
         x = min(max(x, marker_size / 2), width - marker_size / 2)
         y = min(max(y, marker_size / 2), height - marker_size / 2)
         placed.append((x, y))
@@ -244,17 +300,6 @@ def _render(
             stroke_width=max(2, line),
             stroke_fill=(0, 0, 0),
         )
-    _draw_legend(
-        draw,
-        left=width,
-        width=panel_width,
-        height=height,
-        findings=findings,
-        numbers=numbers,
-        calibrated=calibrated,
-        caption=caption,
-    )
-    return _Rendered(rgb=np.asarray(canvas, dtype=np.uint8), image_rows=height, image_columns=width)
 
 
 def _numbering(findings: Sequence[FindingResult], regions: Sequence[Region]) -> dict[str, int]:
@@ -307,6 +352,21 @@ def _resize(array: npt.NDArray[np.float32], width: int, height: int) -> npt.NDAr
     return np.asarray(image.resize((width, height), method), dtype=np.float32)
 
 
+_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+class _Pen:
+    """Writes lines down the legend panel, wrapped to its width, from its top margin."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw, x: int, y: int, width: int) -> None:
+        self.draw, self.x, self.y, self.width = draw, x, y, width
+
+    def write(self, text: str, font: _Font, fill: RGB) -> None:
+        for part in _wrap(self.draw, text, font, self.width):
+            self.draw.text((self.x, self.y), part, font=font, fill=fill)
+            self.y += _line_height(font)
+
+
 def _draw_legend(
     draw: ImageDraw.ImageDraw,
     *,
@@ -323,60 +383,55 @@ def _draw_legend(
     big = _fitting_font(draw, _DISCLAIMER_LINES, inner, max(10, round(height / 30)))
     medium = _font(max(9, round(height / 40)))
     small = _font(max(8, round(height / 54)))
-    x = left + margin
-    y = margin
-
-    def write(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, fill: RGB) -> None:
-        nonlocal y
-        for part in _wrap(draw, text, font, inner):
-            draw.text((x, y), part, font=font, fill=fill)
-            y += _line_height(font)
-
+    pen = _Pen(draw, left + margin, margin, inner)
     for text in _DISCLAIMER_LINES:
-        write(text, big, (255, 215, 0))
-    y += _line_height(small)
+        pen.write(text, big, (255, 215, 0))
+    pen.y += _line_height(small)
 
     count = len(numbers)
     if count == 0:
-        write("No finding above its operating point", medium, (255, 255, 255))
+        pen.write("No finding above its operating point", medium, (255, 255, 255))
     else:
-        write(f"{count} finding{'s' if count > 1 else ''} above operating point", medium, (255, 255, 255))
-    y += _line_height(small) // 2
-
-    # The table: every finding, present ones numbered and in their colour.
-    kind = "prob." if calibrated else "score"
-    columns = (x + inner, x + round(inner * 0.78))  # right edges of "op. pt" and the value
-    row_font = _fitting_rows_font(draw, findings, inner, small)
-    draw.text((x, y), "Finding", font=row_font, fill=(255, 255, 255))
-    draw.text((columns[1], y), kind, font=row_font, fill=(255, 255, 255), anchor="ra")
-    draw.text((columns[0], y), "op. pt", font=row_font, fill=(255, 255, 255), anchor="ra")
-    y += _line_height(row_font)
-    for finding in findings:
-        number = numbers.get(finding.label)
-        fill = _hue(number) if number else _GREY
-        name = display_name(finding.label)
-        draw.text((x, y), f"{number if number else ' '}  {name}", font=row_font, fill=fill)
-        draw.text((columns[1], y), _value(finding.score, calibrated), font=row_font, fill=fill, anchor="ra")
-        draw.text(
-            (columns[0], y), _value(finding.threshold, calibrated), font=row_font, fill=fill, anchor="ra"
-        )
-        y += _line_height(row_font)
-
+        pen.write(f"{count} finding{'s' if count > 1 else ''} above operating point", medium, (255, 255, 255))
+    pen.y += _line_height(small) // 2
+    _legend_table(pen, findings, numbers, calibrated, _fitting_rows_font(draw, findings, inner, small))
     if count:
-        y += _line_height(small) // 2
+        pen.y += _line_height(small) // 2
         bar_height = max(6, _line_height(small) // 2)
-        _gradient_bar(draw, x, y, inner, bar_height, (255, 255, 255))
-        y += bar_height + 2
-        write(f"heat {_MIN_HEAT:.1f} (clear) to 1.0; outline at 50% of each finding's peak", small, _GREY)
+        _gradient_bar(draw, pen.x, pen.y, inner, bar_height, (255, 255, 255))
+        pen.y += bar_height + 2
+        pen.write(f"heat {_MIN_HEAT:.1f} (clear) to 1.0; outline at 50% of each finding's peak", small, _GREY)
 
     footer = [caption] if caption else []
     if not calibrated:
         footer.append("Scores are not calibrated probabilities")
     lines = [part for text in footer for part in _wrap(draw, text, small, inner)]
-    y = max(y, height - margin - len(lines) * _line_height(small))
+    pen.y = max(pen.y, height - margin - len(lines) * _line_height(small))
     for part in lines:
-        draw.text((x, y), part, font=small, fill=_GREY)
-        y += _line_height(small)
+        pen.write(part, small, _GREY)
+
+
+def _legend_table(
+    pen: _Pen, findings: Sequence[FindingResult], numbers: Mapping[str, int], calibrated: bool, font: _Font
+) -> None:
+    """Every finding: number (present ones), name, value and operating point; present rows in their colour."""
+    draw, x = pen.draw, pen.x
+    columns = (x + pen.width, x + round(pen.width * 0.78))  # right edges of "op. pt" and the value
+    white = (255, 255, 255)
+    draw.text((x, pen.y), "Finding", font=font, fill=white)
+    draw.text((columns[1], pen.y), "prob." if calibrated else "score", font=font, fill=white, anchor="ra")
+    draw.text((columns[0], pen.y), "op. pt", font=font, fill=white, anchor="ra")
+    pen.y += _line_height(font)
+    for finding in findings:
+        number = numbers.get(finding.label)
+        fill = _hue(number) if number else _GREY
+        name = display_name(finding.label)
+        draw.text((x, pen.y), f"{number if number else ' '}  {name}", font=font, fill=fill)
+        draw.text((columns[1], pen.y), _value(finding.score, calibrated), font=font, fill=fill, anchor="ra")
+        draw.text(
+            (columns[0], pen.y), _value(finding.threshold, calibrated), font=font, fill=fill, anchor="ra"
+        )
+        pen.y += _line_height(font)
 
 
 def _fitting_rows_font(

@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -86,6 +87,7 @@ from worker.regions import Region
 __all__ = [
     "AlgorithmInfo",
     "FindingResult",
+    "OutputContext",
     "build_findings_sr",
     "build_not_analysed_sr",
     "build_results_sr",
@@ -148,6 +150,47 @@ class FindingResult:
         return self.score >= self.threshold
 
 
+class ObjectIdentity(TypedDict):
+    """The keywords every highdicom constructor takes for an object's place and its maker."""
+
+    series_instance_uid: str
+    series_number: int
+    sop_instance_uid: str
+    instance_number: int
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    contributing_equipment: list[hd.ContributingEquipment]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputContext:
+    """What every output object (SR, report, SC, GSPS) is built with besides its content: the algorithm
+    that made it and where it stands in the study (its series, its own UID, their numbers). worker.outputs
+    derives the UIDs; the source image is each builder's first argument (the not-analysed report has
+    several)."""
+
+    algorithm: AlgorithmInfo
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    instance_number: int = 1
+
+    def identity(self) -> ObjectIdentity:
+        """The keywords every highdicom constructor takes for the object's place and its maker."""
+        algorithm = self.algorithm
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "series_number": self.series_number,
+            "sop_instance_uid": self.sop_instance_uid,
+            "instance_number": self.instance_number,
+            "manufacturer": algorithm.manufacturer,
+            "manufacturer_model_name": algorithm.model_name,
+            "software_versions": algorithm.software_version,
+            "contributing_equipment": [contributing_equipment(algorithm)],
+        }
+
+
 def series_description(kind: str) -> str:
     """'<kind> - AI-generated, not for diagnostic use', cut so the disclaimer always fits in 64 chars."""
     suffix = f" - {AI_DISCLAIMER}"
@@ -174,13 +217,9 @@ def contributing_equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment
 def build_findings_sr(
     source: pydicom.Dataset,
     findings: Sequence[FindingResult],
-    algorithm: AlgorithmInfo,
+    ctx: OutputContext,
     *,
     regions: Sequence[Region] = (),
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = 9901,
-    instance_number: int = 1,
 ) -> pydicom.Dataset:
     """The measurement report for one analysed image: a localised group per present finding.
 
@@ -188,16 +227,11 @@ def build_findings_sr(
     group (a group without an image region breaks viewers); the results report still lists it.
     """
     _check_findings(findings)
-    by_label = {region.label: region for region in regions}
-    if len(by_label) != len(regions):
-        raise ValueError("each finding may have one region only")
-    known = {finding.label for finding in findings}
-    if set(by_label) - known:
-        raise ValueError(f"regions for unknown findings: {sorted(set(by_label) - known)}")
+    by_label = _regions_by_label(findings, regions)
     (image,) = _evidence([source])
     require_analysed(image)
     rows, columns = _image_size(image)
-
+    algorithm = ctx.algorithm
     groups = [
         _finding_group(
             finding,
@@ -206,7 +240,7 @@ def build_findings_sr(
             source=image,
             rows=rows,
             columns=columns,
-            sop_instance_uid=sop_instance_uid,
+            sop_instance_uid=ctx.sop_instance_uid,
         )
         for finding in findings
         if finding.present and finding.label in by_label
@@ -221,13 +255,42 @@ def build_findings_sr(
     )
     content.append(_image_library([image]))
     if groups:
-        measurements = ContainerContentItem(
-            name=codes.DCM.ImagingMeasurements, relationship_type=RelationshipTypeValues.CONTAINS
-        )
-        measurements.ContentSequence = hd.sr.ContentSequence()
-        for group in groups:
-            measurements.ContentSequence.extend(group)
-        content.append(measurements)
+        content.append(_imaging_measurements(groups))
+    content.append(_findings_summary(findings, by_label, algorithm))
+    root = ContainerContentItem(name=deepcopy(codes.cid7021.ImagingMeasurementReport), template_id="1500")
+    root.ContentSequence = content
+    description = series_description(f"{algorithm.name} findings")
+    # local_codes: the value names are local codes.
+    return _document(hd.sr.Comprehensive3DSR, [image], root, description, ctx, local_codes=True)
+
+
+def _regions_by_label(findings: Sequence[FindingResult], regions: Sequence[Region]) -> dict[str, Region]:
+    """The regions by their finding's label: one each at most, and only for findings reported."""
+    by_label = {region.label: region for region in regions}
+    if len(by_label) != len(regions):
+        raise ValueError("each finding may have one region only")
+    known = {finding.label for finding in findings}
+    if set(by_label) - known:
+        raise ValueError(f"regions for unknown findings: {sorted(set(by_label) - known)}")
+    return by_label
+
+
+def _imaging_measurements(
+    groups: Sequence[PlanarROIMeasurementsAndQualitativeEvaluations],
+) -> ContainerContentItem:
+    measurements = ContainerContentItem(
+        name=codes.DCM.ImagingMeasurements, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    measurements.ContentSequence = hd.sr.ContentSequence()
+    for group in groups:
+        measurements.ContentSequence.extend(group)
+    return measurements
+
+
+def _findings_summary(
+    findings: Sequence[FindingResult], by_label: Mapping[str, Region], algorithm: AlgorithmInfo
+) -> ContainerContentItem:
+    """The CAD summary and its sentences: the disclaimer, what is present, what is not localised."""
     present = [finding for finding in findings if finding.present]
     summary = _ALL_SUCCEEDED_WITH_FINDINGS if present else _ALL_SUCCEEDED_WITHOUT_FINDINGS
     texts = [f"{AI_DISCLAIMER}. {algorithm.name} {algorithm.version} (bundle {algorithm.bundle_hash})."]
@@ -236,33 +299,16 @@ def build_findings_sr(
     if unlocalised:
         names = ", ".join(display_name(label) for label in unlocalised)
         texts.append(f"Present but not localised (no image region): {names}.")
-    content.append(_qualitative_evaluations(summary, texts))
-    root = ContainerContentItem(name=deepcopy(codes.cid7021.ImagingMeasurementReport), template_id="1500")
-    root.ContentSequence = content
-    return _document(
-        hd.sr.Comprehensive3DSR,
-        [image],
-        root,
-        algorithm,
-        series_description(f"{algorithm.name} findings"),
-        _Placement(series_instance_uid, sop_instance_uid, series_number, instance_number),
-        local_codes=True,  # the value names are local codes
-    )
+    return _qualitative_evaluations(summary, texts)
 
 
 def build_results_sr(
-    source: pydicom.Dataset,
-    findings: Sequence[FindingResult],
-    algorithm: AlgorithmInfo,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = 9904,
-    instance_number: int = 1,
+    source: pydicom.Dataset, findings: Sequence[FindingResult], ctx: OutputContext
 ) -> pydicom.Dataset:
     """The results report for one analysed image: every finding, readable as text in any viewer."""
     _check_findings(findings)
     (image,) = _evidence([source])
+    algorithm = ctx.algorithm
     present = [finding for finding in findings if finding.present]
     impression = [
         _present_sentence(present, algorithm),
@@ -270,53 +316,41 @@ def build_results_sr(
     ]
     if not algorithm.calibrated:
         impression.append("Scores are model outputs in [0, 1], not calibrated probabilities.")
+    rows = [_result_row(finding, algorithm) for finding in findings]
+    root = _text_report(algorithm, impression=impression, findings=rows)
+    description = series_description(f"{algorithm.name} results")
+    return _document(hd.sr.ComprehensiveSR, [image], root, description, ctx, local_codes=True)
+
+
+def _result_row(finding: FindingResult, algorithm: AlgorithmInfo) -> ContainerContentItem:
     # One SEPARATE container per finding with its items as siblings: text viewers print a container's
     # children but not a CODE item's own children (OHIF 3.13 showed "Atelectasis: Absent" and no value).
-    rows: list[hd.sr.ContentItem] = []
-    for finding in findings:
-        row = ContainerContentItem(
-            name=finding_code(finding.label),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-            is_content_continuous=False,
-        )
-        row.ContentSequence = hd.sr.ContentSequence(
-            [
-                CodeContentItem(
-                    name=finding_code(finding.label),
-                    value=deepcopy(PRESENT if finding.present else ABSENT),
-                    relationship_type=RelationshipTypeValues.CONTAINS,
-                ),
-                _value_item(finding, algorithm, RelationshipTypeValues.CONTAINS, for_reading=True),
-                NumContentItem(
-                    name=deepcopy(OPERATING_POINT),
-                    value=_shown(finding.threshold, algorithm, for_reading=True),
-                    unit=deepcopy(_value_unit(algorithm)),
-                    relationship_type=RelationshipTypeValues.CONTAINS,
-                ),
-            ]
-        )
-        rows.append(row)
-    root = _text_report(algorithm, impression=impression, findings=rows)
-    return _document(
-        hd.sr.ComprehensiveSR,
-        [image],
-        root,
-        algorithm,
-        series_description(f"{algorithm.name} results"),
-        _Placement(series_instance_uid, sop_instance_uid, series_number, instance_number),
-        local_codes=True,
+    row = ContainerContentItem(
+        name=finding_code(finding.label),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
     )
+    row.ContentSequence = hd.sr.ContentSequence(
+        [
+            CodeContentItem(
+                name=finding_code(finding.label),
+                value=deepcopy(PRESENT if finding.present else ABSENT),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            ),
+            _value_item(finding, algorithm, RelationshipTypeValues.CONTAINS, for_reading=True),
+            NumContentItem(
+                name=deepcopy(OPERATING_POINT),
+                value=_shown(finding.threshold, algorithm, for_reading=True),
+                unit=deepcopy(_value_unit(algorithm)),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            ),
+        ]
+    )
+    return row
 
 
 def build_not_analysed_sr(
-    sources: Sequence[pydicom.Dataset],
-    reasons: Mapping[str, str],
-    algorithm: AlgorithmInfo,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = 9901,
-    instance_number: int = 1,
+    sources: Sequence[pydicom.Dataset], reasons: Mapping[str, str], ctx: OutputContext
 ) -> pydicom.Dataset:
     """An SR saying the study was not analysed, with a reason per received instance.
 
@@ -334,20 +368,14 @@ def build_not_analysed_sr(
         notes.append(_comment(f"Not analysed: {reason}. SOP Instance UID {uid}{where}."))
     if not reasons:
         notes.append(_comment("Not analysed: no reason given."))
+    algorithm = ctx.algorithm
     impression = [
         "Study not analysed: no image met the algorithm's input criteria.",
         f"{AI_DISCLAIMER}. {algorithm.name} {algorithm.version}.",
     ]
     root = _text_report(algorithm, impression=impression, findings=notes)
-    return _document(
-        hd.sr.ComprehensiveSR,
-        evidence,
-        root,
-        algorithm,
-        series_description(f"{algorithm.name} not analysed"),
-        _Placement(series_instance_uid, sop_instance_uid, series_number, instance_number),
-        local_codes=False,
-    )
+    description = series_description(f"{algorithm.name} not analysed")
+    return _document(hd.sr.ComprehensiveSR, evidence, root, description, ctx, local_codes=False)
 
 
 def _check_findings(findings: Sequence[FindingResult]) -> None:
@@ -374,23 +402,12 @@ def _present_sentence(present: Sequence[FindingResult], algorithm: AlgorithmInfo
     return f"Above the operating point: {'; '.join(parts)}."
 
 
-@dataclass(frozen=True)
-class _Placement:
-    """Where a document stands in its study: its series, its own UID, their numbers."""
-
-    series_instance_uid: str
-    sop_instance_uid: str
-    series_number: int
-    instance_number: int
-
-
 def _document(
     sr_class: type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR],
     evidence: Sequence[pydicom.Dataset],
     root: pydicom.Dataset,
-    algorithm: AlgorithmInfo,
     description: str,
-    at: _Placement,
+    ctx: OutputContext,
     *,
     local_codes: bool,
 ) -> pydicom.Dataset:
@@ -400,19 +417,12 @@ def _document(
         sr = sr_class(
             evidence=evidence,
             content=root,
-            series_instance_uid=at.series_instance_uid,
-            series_number=at.series_number,
-            sop_instance_uid=at.sop_instance_uid,
-            instance_number=at.instance_number,
-            manufacturer=algorithm.manufacturer,
             is_complete=True,
             is_final=False,  # unverified machine output: preliminary by definition
             is_verified=False,
-            contributing_equipment=[contributing_equipment(algorithm)],
             series_description=description,
-            manufacturer_model_name=algorithm.model_name,
-            software_versions=algorithm.software_version,
             coding_schemes=[deepcopy(LOCAL_CODING_SCHEME)] if local_codes else None,
+            **ctx.identity(),
         )
     return sr
 

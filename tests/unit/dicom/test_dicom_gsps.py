@@ -13,7 +13,9 @@ import pydicom
 import pytest
 from PIL import Image
 
+from service.core.status import OutputKind
 from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.outputs import ALGORITHM, context
 from tests.support.paths import CHEST_DICOM
 from tests.support.peers import tool
 from worker.dicom.codes import AI_DISCLAIMER, value_name
@@ -26,17 +28,8 @@ from worker.dicom.gsps import (
     build_findings_gsps,
 )
 from worker.dicom.sr import AlgorithmInfo, FindingResult
-from worker.dicom.uids import derive_uid
 from worker.regions import Region, RegionKind, finding_region
 
-PREFIX = "1.2.826.0.1.3680043.10.1453."
-ALGORITHM = AlgorithmInfo(
-    name="cxr-densenet121",
-    version="1.2.0",
-    bundle_hash="sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f0",
-    software_version="cxr-gateway 0.1.0",
-    device_uid="1.2.826.0.1.3680043.10.1453.99.1",
-)
 CR = "cr-pa-mono1-explicit-le.dcm"
 J2K = "cr-pa-mono1-j2k-lossless.dcm"
 JPEG = "sc-pa-jpeg-baseline.dcm"
@@ -74,9 +67,7 @@ def _build(
         source,
         _regions(source) if regions is None else regions,
         FINDINGS if findings is None else findings,
-        algorithm,
-        series_instance_uid=derive_uid(PREFIX, source.StudyInstanceUID, algorithm.version, "gsps-series"),
-        sop_instance_uid=derive_uid(PREFIX, str(source.get("SOPInstanceUID")), algorithm.version, "gsps"),
+        context(source, OutputKind.GSPS, algorithm),
         **kwargs,
     )
 

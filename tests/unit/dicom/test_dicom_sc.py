@@ -11,23 +11,16 @@ import numpy.typing as npt
 import pydicom
 import pytest
 
+from service.core.status import OutputKind
 from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.outputs import ALGORITHM, context
 from tests.support.paths import CHEST_DICOM
 from worker.dicom.pixels import read_display_pixels
 from worker.dicom.sc import HEATMAP_SERIES_SUFFIX, build_heatmap_sc, render_heatmap_rgb
-from worker.dicom.sr import AlgorithmInfo, FindingResult
-from worker.dicom.uids import derive_uid
+from worker.dicom.sr import FindingResult
 from worker.labels import NIH_LABELS
 from worker.regions import Region, finding_region
 
-PREFIX = "1.2.826.0.1.3680043.10.1453."
-ALGORITHM = AlgorithmInfo(
-    name="cxr-densenet121",
-    version="1.2.0",
-    bundle_hash="sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f0",
-    software_version="cxr-gateway 0.1.0",
-    device_uid="1.2.826.0.1.3680043.10.1453.99.1",
-)
 # Patient's left lung: image right in a PA radiograph displayed the standard way (row direction = L).
 LEFT_LUNG = (0.45, 0.70)
 RIGHT_LUNG = (0.45, 0.30)
@@ -95,9 +88,7 @@ def _build(source: pydicom.Dataset, *, max_side: int = 2048) -> pydicom.Dataset:
         heatmaps,
         findings,
         _regions(findings, heatmaps, display.pixels.shape),
-        ALGORITHM,
-        series_instance_uid=derive_uid(PREFIX, source.StudyInstanceUID, ALGORITHM.version, "sc-series"),
-        sop_instance_uid=derive_uid(PREFIX, source.SOPInstanceUID, ALGORITHM.version, "sc"),
+        context(source, OutputKind.SC),
         max_side=max_side,
     )
 
@@ -172,9 +163,7 @@ def test_shape_mismatch_is_refused(shared_dir: Path) -> None:
             {},
             _findings({}),
             [],
-            ALGORITHM,
-            series_instance_uid="1.2.3",
-            sop_instance_uid="1.2.4",
+            context(source, OutputKind.SC),
         )
 
 

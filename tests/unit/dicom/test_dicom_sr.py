@@ -13,7 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from service.core.status import OutputKind
 from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.outputs import ALGORITHM, context
 from tests.support.paths import CHEST_DICOM, SR_DICOM
 from tests.support.peers import tool
 from worker.dicom.codes import AI_DISCLAIMER, FINDING_CODES, NIH_LABELS, display_name
@@ -25,17 +27,7 @@ from worker.dicom.sr import (
     build_results_sr,
     series_description,
 )
-from worker.dicom.uids import derive_uid
 from worker.regions import Region, finding_region
-
-PREFIX = "1.2.826.0.1.3680043.10.1453."
-ALGORITHM = AlgorithmInfo(
-    name="cxr-densenet121",
-    version="1.2.0",
-    bundle_hash="sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f0",
-    software_version="cxr-gateway 0.1.0",
-    device_uid="1.2.826.0.1.3680043.10.1453.99.1",
-)
 
 
 def _findings() -> list[FindingResult]:
@@ -80,21 +72,13 @@ def _build(
     return build_findings_sr(
         source,
         findings,
-        algorithm,
+        context(source, OutputKind.SR, algorithm),
         regions=_regions(source, findings) if regions is None else regions,
-        series_instance_uid=derive_uid(PREFIX, source.StudyInstanceUID, ALGORITHM.version, "sr-series"),
-        sop_instance_uid=derive_uid(PREFIX, source.SOPInstanceUID, ALGORITHM.version, "sr"),
     )
 
 
 def _results(source: pydicom.Dataset, algorithm: AlgorithmInfo = ALGORITHM) -> pydicom.Dataset:
-    return build_results_sr(
-        source,
-        _findings(),
-        algorithm,
-        series_instance_uid=derive_uid(PREFIX, source.StudyInstanceUID, "report-series"),
-        sop_instance_uid=derive_uid(PREFIX, source.SOPInstanceUID, "report"),
-    )
+    return build_results_sr(source, _findings(), context(source, OutputKind.REPORT, algorithm))
 
 
 def _content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
@@ -335,22 +319,16 @@ def test_reports_reject_bad_findings(
     shared_dir: Path, cr_source: pydicom.Dataset, findings: list[FindingResult]
 ) -> None:
     with pytest.raises(ValueError):
-        build_findings_sr(
-            cr_source, findings, ALGORITHM, series_instance_uid="1.2.3", sop_instance_uid="1.2.4"
-        )
+        build_findings_sr(cr_source, findings, context(cr_source, OutputKind.SR))
     with pytest.raises(ValueError):
-        build_results_sr(
-            cr_source, findings, ALGORITHM, series_instance_uid="1.2.3", sop_instance_uid="1.2.4"
-        )
+        build_results_sr(cr_source, findings, context(cr_source, OutputKind.REPORT))
 
 
 def test_not_analysed_sr_for_an_image(shared_dir: Path, cr_source: pydicom.Dataset, tmp_path: Path) -> None:
     ds = build_not_analysed_sr(
         [cr_source],
         {cr_source.SOPInstanceUID: "not_frontal"},
-        ALGORITHM,
-        series_instance_uid=derive_uid(PREFIX, cr_source.StudyInstanceUID, "1.2.0", "sr-series"),
-        sop_instance_uid=derive_uid(PREFIX, cr_source.StudyInstanceUID, "1.2.0", "not-analysed-sr"),
+        context(cr_source, OutputKind.SR),
     )
     path = _save(ds, tmp_path / "not-analysed.dcm")
     assert dciodvfy_errors(path) == []
@@ -370,9 +348,7 @@ def test_not_analysed_sr_for_a_non_image(shared_dir: Path, tmp_path: Path) -> No
     ds = build_not_analysed_sr(
         [received],
         {received.SOPInstanceUID: "not_image_object"},
-        ALGORITHM,
-        series_instance_uid=derive_uid(PREFIX, received.StudyInstanceUID, "sr-series"),
-        sop_instance_uid=derive_uid(PREFIX, received.StudyInstanceUID, "not-analysed-sr"),
+        context(received, OutputKind.SR),
     )
     referenced = _referenced_sops(ds)
     assert referenced[0].ReferencedSOPInstanceUID == received.SOPInstanceUID
