@@ -31,6 +31,7 @@ from worker.outputs import (
 from worker.priority import image_priority, mark_priority
 from worker.regions import Region, finding_region
 from worker.runtime import Runtime
+from worker.site import image_inputs, run_candidates, sync_live_bundle, with_site_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,18 @@ class Analysis:
 def analyse(rows: list[tuple[str, Path]], study_uid: str, job_id: str, rt: Runtime) -> Analysis:
     """``rows``: each received instance's SOP Instance UID and spool file. Raises PermanentError when the
     study as a whole cannot be analysed (no readable instance, the model failed, no output built)."""
-    bundle = rt.bundle
+    sync_live_bundle(rt)
+    # The site's operating points (service.site.operating_points) decide Present/Absent everywhere.
+    bundle, points = with_site_thresholds(rt, rt.bundle)
     study = StudyOutputs(
         rt.settings.output_dir / job_id, rt.settings.uid_prefix, study_uid, algorithm_info(bundle)
     )
     admission = admit(rows, job_id, rt)
-    result: dict[str, Any] = {"bundle": {"name": bundle.name, "version": bundle.version}, "images": []}
+    result: dict[str, Any] = {
+        "bundle": {"name": bundle.name, "version": bundle.version},
+        "operating_points": points,
+        "images": [],
+    }
     if not admission.eligible:
         return _not_analysed(admission, study, result)
     prediction = _predict(rt, admission.eligible)
@@ -76,6 +83,7 @@ def analyse(rows: list[tuple[str, Path]], study_uid: str, job_id: str, rt: Runti
         outputs.extend(built)
         result["images"].append(entry)
     result["gate"] = admission.reasons
+    run_candidates(rt, job_id, [str(src.SOPInstanceUID) for src, _ in admission.eligible], _pixels(admission))
     if notes:
         result["notes"] = notes
     result["finished_at"] = datetime.now(UTC).isoformat()
@@ -91,6 +99,10 @@ def _not_analysed(admission: Admission, study: StudyOutputs, result: dict[str, A
     output = not_analysed_output(admission.received, reasons, study)
     result["gate"] = reasons
     return Analysis([output], result, next(iter(reasons.values()), ReasonCode.NO_IMAGES))
+
+
+def _pixels(admission: Admission) -> list[NDArray[np.float32]]:
+    return [display.pixels for _, display in admission.eligible]
 
 
 def _predict(rt: Runtime, eligible: list[tuple[Dataset, DisplayImage]]) -> Prediction:
@@ -149,6 +161,7 @@ def _image_json(image: ImageResult, *, calibrated: bool) -> dict[str, Any]:
         "regions": [region.as_json() for region in image.regions],
         "inverted_by_label": image.display.inverted_by_label,
         "inverted_by_heuristic": image.display.inverted_by_heuristic,
+        "inputs": image_inputs(image.src),  # for drift (service.site.drift)
     }
 
 

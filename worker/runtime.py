@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -62,6 +63,17 @@ class Runtime:
                     s.tmp_dir / "decode", DecodeLimits(s.decode_timeout_seconds, s.decode_memory_limit_bytes)
                 )
             return self._decoder
+
+    def use_bundle(self, path: Path) -> bool:
+        """Serve ``path`` from the next prediction on (an admin promoted it); True when that changed."""
+        with self._lock:
+            if self.settings.model_bundle.resolve() == path.resolve():
+                return False
+            self.settings = self.settings.model_copy(update={"model_bundle": path})
+            old, self._predictor = self._predictor, None
+        if isinstance(old, BatchingPredictor):
+            old.close()
+        return True
 
     def close(self) -> None:
         with self._lock:
