@@ -27,6 +27,7 @@ from service.core.settings import load_settings
 from service.core.workers import WorkerState, state
 from tests.support.peers import require_peer
 from tests.support.redis_server import RedisServer
+from tests.support.rows import add_job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,7 +143,7 @@ def test_a_stop_that_interrupts_a_job_hands_it_back_instead_of_failing_it(
 
     import worker.tasks
     from service.core import task_names as names
-    from service.core.models import Job, Study
+    from service.core.models import Job
     from service.core.status import JobStatus
     from worker.app import make_app
     from worker.runtime import Runtime
@@ -151,10 +152,7 @@ def test_a_stop_that_interrupts_a_job_hands_it_back_instead_of_failing_it(
     migrate(settings)
     sessions = make_session_factory(settings)
     with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        s.add(Job(id="j" * 32, study_id=study.id, status=JobStatus.RUNNING, attempts=1))
+        add_job(s, id="j" * 32, status=JobStatus.RUNNING, attempts=1)
     app = make_app(Runtime(settings=settings, sessions=sessions))
 
     def stopped_during_model_load(*args: object, **kwargs: object) -> list[int]:

@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core import deliveries
 from service.core.db import make_session_factory, migrate
 from service.core.deliveries import resend_lost, retry_delay, send_due
-from service.core.models import Delivery, DeliveryAttempt, Job, Study
+from service.core.models import Delivery, DeliveryAttempt, Job
 from service.core.outbox import Outbox
 from service.core.queue import make_celery
 from service.core.reconciler import reconcile
 from service.core.settings import Settings, load_settings
 from service.core.status import DeliveryStatus, JobStatus
 from tests.support.net import free_port
+from tests.support.rows import add_job
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 INTERVAL = timedelta(seconds=30)
@@ -38,12 +39,9 @@ def _setup(tmp_path: Path, **overrides: Any) -> tuple[Settings, sessionmaker[Ses
 
 def _delivery(sessions: sessionmaker[Session], port: int = 104, **row: Any) -> int:
     with sessions.begin() as s:
-        study = Study(study_instance_uid=f"1.2.{port}.{len(row)}")
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, status=JobStatus.DONE, finished_at=NOW - timedelta(minutes=1))
-        s.add(job)
-        s.flush()
+        job = add_job(
+            s, f"1.2.{port}.{len(row)}", status=JobStatus.DONE, finished_at=NOW - timedelta(minutes=1)
+        )
         delivery = Delivery(
             job_id=job.id,
             ae_title="PACS",
@@ -213,10 +211,7 @@ def test_a_job_whose_database_went_away_is_sent_again_at_once_not_as_a_countdown
 
     settings, sessions, _celery = _setup(tmp_path)
     with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        s.add(Job(id="j" * 32, study_id=study.id, status=JobStatus.RUNNING, attempts=1))
+        add_job(s, id="j" * 32, status=JobStatus.RUNNING, attempts=1)
     app = make_app(Runtime(settings=settings, sessions=sessions))
 
     def database_restarting(*args: object, **kwargs: object) -> list[int]:

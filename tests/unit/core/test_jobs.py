@@ -12,11 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import jobs, queue
 from service.core.db import make_session_factory, migrate
-from service.core.models import Job, JobEvent, Study
+from service.core.models import Job, JobEvent
 from service.core.queue import make_celery
 from service.core.reconciler import reconcile
 from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus
+from tests.support.rows import add_study
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -35,10 +36,7 @@ def parts(tmp_path: Path) -> Parts:
     migrate(settings)
     sessions = make_session_factory(settings)
     with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        study_id = study.id
+        study_id = add_study(s)
     return settings, sessions, make_celery(settings), study_id
 
 

@@ -9,11 +9,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import make_session_factory, migrate
-from service.core.models import Job, JobEvent, Study, Worker
+from service.core.models import Job, JobEvent, Worker
 from service.core.queue import make_celery
 from service.core.reconciler import REQUEUED, reconcile
 from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus
+from tests.support.rows import add_study
 
 
 def _database_and_broker(tmp_path: Path) -> tuple[Settings, sessionmaker[Session], Celery]:
@@ -34,14 +35,12 @@ def test_stuck_jobs_are_requeued_and_fresh_ones_left(tmp_path: Path) -> None:
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     old, fresh = now - timedelta(hours=2), now - timedelta(seconds=5)
     with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
+        study_id = add_study(s)
         rows = {
-            "stuck-queued": Job(id="a" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=old),
-            "stuck-running": Job(id="b" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=old),
-            "fresh": Job(id="c" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=fresh),
-            "done": Job(id="d" * 32, study_id=study.id, status=JobStatus.DONE, started_at=old),
+            "stuck-queued": Job(id="a" * 32, study_id=study_id, status=JobStatus.QUEUED, queued_at=old),
+            "stuck-running": Job(id="b" * 32, study_id=study_id, status=JobStatus.RUNNING, started_at=old),
+            "fresh": Job(id="c" * 32, study_id=study_id, status=JobStatus.RUNNING, started_at=fresh),
+            "done": Job(id="d" * 32, study_id=study_id, status=JobStatus.DONE, started_at=old),
         }
         s.add_all(rows.values())
     requeued = reconcile(
@@ -72,21 +71,19 @@ def test_running_jobs_of_a_dead_worker_are_requeued_before_the_running_deadline(
         # Stopped cleanly: a hand-back already returned its task to the broker.
         s.add(_worker_row("stopped@h", last_seen_at=now - timedelta(minutes=2), stopped_at=now))
         s.add(_worker_row("history@h", last_seen_at=now - timedelta(days=8)))  # pruned
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
+        study_id = add_study(s)
         for job_id, worker in [("1", "dead@h"), ("2", "alive@h"), ("3", "stopped@h"), ("4", None)]:
             s.add(
                 Job(
                     id=job_id * 32,
-                    study_id=study.id,
+                    study_id=study_id,
                     status=JobStatus.RUNNING,
                     started_at=started,
                     worker=worker,
                 )
             )
         # Already finished by the dead worker before it died: nothing to do.
-        s.add(Job(id="5" * 32, study_id=study.id, status=JobStatus.DONE, started_at=started, worker="dead@h"))
+        s.add(Job(id="5" * 32, study_id=study_id, status=JobStatus.DONE, started_at=started, worker="dead@h"))
     kwargs = {"queued_deadline": timedelta(minutes=15), "running_deadline": timedelta(minutes=30)}
     # Without the heartbeat rule, nothing is old enough yet.
     assert reconcile(sessions, celery, now=now, **kwargs) == []
@@ -110,10 +107,8 @@ def test_a_job_claimed_by_another_worker_meanwhile_is_left_alone(tmp_path: Path)
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     with sessions.begin() as s:
         s.add(_worker_row("dead@h", last_seen_at=now - timedelta(minutes=5)))
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        s.add(Job(id="1" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=now, worker="other@h"))
+        study_id = add_study(s)
+        s.add(Job(id="1" * 32, study_id=study_id, status=JobStatus.RUNNING, started_at=now, worker="other@h"))
     with sessions.begin() as s:
         moved = transition(
             s, "1" * 32, JobStatus.QUEUED, expected=[JobStatus.RUNNING], only_if=Job.worker == "dead@h"
@@ -129,19 +124,17 @@ def test_a_backlog_is_not_a_loss_but_a_job_the_queue_has_passed_is(tmp_path: Pat
     now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     t = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
     with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
+        study_id = add_study(s)
         s.add_all(
             [
                 # Queued 30 min ago, its message lost: a job queued 25 min ago already ran.
-                Job(id="1" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=t(30)),
-                Job(id="2" * 32, study_id=study.id, status=JobStatus.DONE, queued_at=t(25), started_at=t(5)),
+                Job(id="1" * 32, study_id=study_id, status=JobStatus.QUEUED, queued_at=t(30)),
+                Job(id="2" * 32, study_id=study_id, status=JobStatus.DONE, queued_at=t(25), started_at=t(5)),
                 # Queued 20 min ago, after everything that has started: still in line.
-                Job(id="3" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=t(20)),
+                Job(id="3" * 32, study_id=study_id, status=JobStatus.QUEUED, queued_at=t(20)),
                 # Requeued (queued again after it started): says nothing about the queue's progress.
                 Job(
-                    id="4" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=t(19), started_at=t(40)
+                    id="4" * 32, study_id=study_id, status=JobStatus.QUEUED, queued_at=t(19), started_at=t(40)
                 ),
             ]
         )
@@ -162,12 +155,10 @@ def test_two_listener_replicas_requeue_a_job_once(tmp_path: Path, monkeypatch: p
     old = now - timedelta(hours=2)
     with sessions.begin() as s:
         s.add(_worker_row("dead@h", last_seen_at=now - timedelta(minutes=5)))
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        s.add(Job(id="1" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=now, worker="dead@h"))
-        s.add(Job(id="2" * 32, study_id=study.id, status=JobStatus.QUEUED, queued_at=old))
-        s.add(Job(id="3" * 32, study_id=study.id, status=JobStatus.RUNNING, started_at=old))
+        study_id = add_study(s)
+        s.add(Job(id="1" * 32, study_id=study_id, status=JobStatus.RUNNING, started_at=now, worker="dead@h"))
+        s.add(Job(id="2" * 32, study_id=study_id, status=JobStatus.QUEUED, queued_at=old))
+        s.add(Job(id="3" * 32, study_id=study_id, status=JobStatus.RUNNING, started_at=old))
     kwargs = {
         "queued_deadline": timedelta(minutes=15),
         "running_deadline": timedelta(minutes=30),
