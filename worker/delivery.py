@@ -81,9 +81,24 @@ def deliver(
     attempt, does nothing. Without it (an older message) the attempt runs if the delivery is due.
     Returns the delivery's new status, or None when this message had nothing to do.
     """
-    claimed = _through_restarts(sessions, _claim, sessions, delivery_id, attempt)
-    if claimed is None:
-        return None
+    claimed = claim(delivery_id, sessions, attempt)
+    return None if claimed is None else attempt_claimed(delivery_id, claimed, settings, sessions)
+
+
+# A claimed attempt: the attempt count it was claimed from, the output's path, the destination.
+Claim = tuple[int, str, tuple[str, str, int]]
+
+
+def claim(delivery_id: int, sessions: sessionmaker[Session], attempt: int | None = None) -> Claim | None:
+    """Take the delivery's next attempt (see :func:`deliver`); None when there is nothing to do. The
+    claim's lease keeps it from being sent again while its attempt runs (in this thread or another)."""
+    return _through_restarts(sessions, _claim, sessions, delivery_id, attempt)
+
+
+def attempt_claimed(
+    delivery_id: int, claimed: Claim, settings: Settings, sessions: sessionmaker[Session]
+) -> DeliveryStatus:
+    """Make the claimed attempt and record its outcome."""
     attempt, output_path, target = claimed
     path = settings.output_dir / output_path
     attempts = attempt + 1

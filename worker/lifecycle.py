@@ -28,7 +28,9 @@ def connect(rt: Runtime) -> None:
     life = _Lifecycle(rt)
     # weak=False: the handlers are bound methods of an object nothing else keeps.
     worker_ready.connect(life.start_heartbeat, weak=False, dispatch_uid="cxr-heartbeat")
+    worker_ready.connect(life.warm_up_in_main, weak=False, dispatch_uid="cxr-warm-main")
     worker_process_init.connect(life.fresh_connections_after_fork, weak=False, dispatch_uid="cxr-fork")
+    worker_process_init.connect(life.warm_up, weak=False, dispatch_uid="cxr-warm-child")
     worker_shutting_down.connect(life.hand_back_after_deadline, weak=False, dispatch_uid="cxr-stop")
     worker_shutdown.connect(life.close, weak=False, dispatch_uid="cxr-close")
 
@@ -57,6 +59,17 @@ class _Lifecycle:
             heartbeat = self.heartbeats.pop()
             if heartbeat.info.pid == os.getpid():  # not in a pool child forked after the heartbeat began
                 heartbeat.stop(clean=stopping_on_purpose.is_set())
+
+    def warm_up(self, **_: Any) -> None:
+        """In each process that runs inference tasks: load the model and start a decoder before the
+        first study comes. In a thread: Celery gives a pool process's start-up only seconds."""
+        if names.INFERENCE_QUEUE in self.rt.settings.worker_queues:
+            threading.Thread(target=self.rt.warm_up, name="warm-up", daemon=True).start()
+
+    def warm_up_in_main(self, **_: Any) -> None:
+        # The threads and solo pools run tasks in the main process (prefork's children warm up above).
+        if self.rt.settings.worker_pool != "prefork":
+            self.warm_up()
 
     def fresh_connections_after_fork(self, **_: Any) -> None:
         # A prefork child must not share the parent's pooled database connections (the heartbeat's).

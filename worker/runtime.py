@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +46,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     _predictor: Inference | None = field(default=None, init=False)
     _decoder: IsolatedDecoder | None = field(default=None, init=False)
+    _lanes: dict[tuple[str, str, int], ThreadPoolExecutor] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -75,7 +78,34 @@ class Runtime:
             old.close()
         return True
 
+    def warm_up(self) -> None:
+        """Load the model and run it once, and start a decoder process: the first study waits for
+        neither. Runs beside the first tasks, which wait for the model it is loading."""
+        started = time.monotonic()
+        try:
+            image = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+            self.predictor.predict([image])
+            self.decoder.warm()
+        except Exception as exc:  # the first study loads them again, and fails with a coded reason
+            log.warning("warm-up failed (%s); the first study loads the model", type(exc).__name__)
+            return
+        log.info("warmed up in %.1f s", time.monotonic() - started)
+
+    def lane(self, target: tuple[str, str, int]) -> ThreadPoolExecutor:
+        """The one sending thread of a destination (started on first use, in the process using it): a
+        slow or refusing destination holds up only its own outputs, never another's."""
+        with self._lock:
+            lane = self._lanes.get(target)
+            if lane is None:
+                lane = ThreadPoolExecutor(1, thread_name_prefix=f"deliver-{target[0]}")
+                self._lanes[target] = lane
+            return lane
+
     def close(self) -> None:
+        with self._lock:
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:  # sends under way finish (each bounded by the sender's timeouts)
+            lane.shutdown(wait=True)
         with self._lock:
             if isinstance(self._predictor, BatchingPredictor):
                 self._predictor.close()

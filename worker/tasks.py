@@ -4,7 +4,8 @@ lives here. Registered on the app the worker builds at start-up, over the runtim
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any
 
 from celery import Celery, Task
@@ -12,12 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.core import task_names as names
-from service.core.deliveries import send_ids
 from service.core.models import Job
 from service.core.queue import enqueue
-from service.core.status import ReasonCode
+from service.core.status import DeliveryStatus, ReasonCode
 from worker.claim import fail_job
-from worker.delivery import deliver, wait_for_database
+from worker.delivery import Claim, attempt_claimed, claim, deliver, wait_for_database
 from worker.pipeline import process_study
 from worker.runtime import Runtime
 
@@ -42,6 +42,29 @@ def register_tasks(app: Celery, rt: Runtime) -> None:
         deliver(delivery_id, rt.settings, rt.sessions, attempt)
 
 
+def send_on_lanes(
+    rt: Runtime, ids: Iterable[int], attempt: int | None = None
+) -> list[Future[DeliveryStatus | None]]:
+    """Claim each delivery's next attempt here and make it on its destination's own thread (its lane):
+    the task returns at once, so a slow or refusing destination holds up neither the next study nor
+    another destination. A claimed attempt that never ends (this process died) is due again when its
+    lease runs out, and the listener sends it."""
+    futures = []
+    for delivery_id in ids:
+        claimed = claim(delivery_id, rt.sessions, attempt)
+        if claimed is not None:
+            futures.append(rt.lane(claimed[2]).submit(_attempt, rt, delivery_id, claimed))
+    return futures
+
+
+def _attempt(rt: Runtime, delivery_id: int, claimed: Claim) -> DeliveryStatus | None:
+    try:
+        return attempt_claimed(delivery_id, claimed, rt.settings, rt.sessions)
+    except Exception:  # nobody waits on the lane's future: say it here
+        log.exception("delivery=%d attempt crashed; due again when its lease ends", delivery_id)
+        return None
+
+
 def run_study(app: Celery, rt: Runtime, job_id: str, worker: str | None) -> None:
     """The process-study task: the job, then its deliveries sent. A crash fails the job; a stop hands it
     back to the broker; a database that is away is waited for."""
@@ -62,10 +85,10 @@ def run_study(app: Celery, rt: Runtime, job_id: str, worker: str | None) -> None
         log.exception("job=%s crashed", job_id)
         fail_job(rt.sessions, job_id, ReasonCode.INTERNAL_ERROR, type(exc).__name__)
         return
-    # The rows are due now; whatever cannot be sent here (broker or database away) the listener's
-    # scheduler sends once it can.
+    # The first attempts straight from here, no broker hop; whatever cannot be claimed here (database
+    # away) stays due, and the listener's scheduler sends it once it can.
     try:
-        send_ids(rt.sessions, app, delivery_ids, datetime.now(UTC))
+        send_on_lanes(rt, delivery_ids)
     except DATABASE_AWAY as exc:
         log.warning("job=%s deliveries left to the listener (database away: %s)", job_id, type(exc).__name__)
 

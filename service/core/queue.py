@@ -38,6 +38,8 @@ def make_celery(settings: Settings) -> Celery:
             "processed_folder": str(processed),
             "store_processed": False,
             "control_folder": str(control),
+            # kombu's default is 1 s, and a study crosses the broker at least once.
+            "polling_interval": settings.broker_poll_seconds,
         }
     elif settings.effective_broker_url.startswith(("redis://", "rediss://")):
         # Longer than the longest a task can sit unacknowledged, so Redis does not redeliver it early.

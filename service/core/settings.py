@@ -154,12 +154,17 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         default=None, description="Celery broker; default filesystem broker in data_dir"
     )
+    # How often the embedded (filesystem) broker looks for new messages: each hand-over waits up to this.
+    broker_poll_seconds: float = Field(default=0.05, gt=0.0, le=5.0)
 
     listener_ae_title: str = "CXR_GATEWAY"
     # A DICOM listener serves the hospital network: every address by default (bandit B104).
     listener_host: str = "0.0.0.0"  # nosec B104
     listener_port: int = 11112
     study_quiet_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
+    # A normal association release closes its studies after this grace (a next association for the
+    # study may open meanwhile); the quiet period still applies to aborted or still-open associations.
+    study_release_grace_seconds: float = Field(default=0.2, ge=0.0, le=60.0)
     # A normal association release closes its studies after this grace (a next association for the
     # study may open meanwhile); the quiet period still applies to aborted or still-open associations.
     study_release_grace_seconds: float = Field(default=0.2, ge=0.0, le=60.0)

@@ -182,6 +182,10 @@ class IsolatedDecoder:
             else:
                 child.kill()
 
+    def warm(self) -> None:
+        """Start a decoder process now (a worker's start-up), so the first image does not wait for one."""
+        self._give_back(self._take())
+
     def close(self) -> None:
         with self._lock:
             children, self._idle = self._idle, []
