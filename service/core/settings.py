@@ -165,9 +165,6 @@ class Settings(BaseSettings):
     # A normal association release closes its studies after this grace (a next association for the
     # study may open meanwhile); the quiet period still applies to aborted or still-open associations.
     study_release_grace_seconds: float = Field(default=0.2, ge=0.0, le=60.0)
-    # A normal association release closes its studies after this grace (a next association for the
-    # study may open meanwhile); the quiet period still applies to aborted or still-open associations.
-    study_release_grace_seconds: float = Field(default=0.2, ge=0.0, le=60.0)
     max_associations: int = Field(default=16, ge=1)
     # Peers allowed to send (calling AE title and source address); empty: any peer (logged at start).
     sources: list[Source] = Field(default_factory=list)
