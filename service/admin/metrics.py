@@ -26,6 +26,7 @@ from service.core.queue import queue_depth
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 from service.core.workers import WorkerState, list_workers
+from service.site.drift import DriftCollector
 
 BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # Images in the forward pass that analysed a job: how well a batching (GPU) worker fills its passes.
@@ -149,6 +150,7 @@ def make_registry(settings: Settings, sessions: sessionmaker[Session], celery: C
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(settings, sessions, celery))
     registry.register(NotificationCollector(sessions))
+    registry.register(DriftCollector(settings, sessions))
     return registry
 
 

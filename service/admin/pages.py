@@ -81,6 +81,8 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
         "notice": NOTICE,
         "bundle": ctx.bundle_label,
         "path": request.url.path,
+        "mode": ctx.settings.mode,
+        "live_destinations": [d.ae_title for d in ctx.settings.destinations if d.mode == "live"],
     }
     return TEMPLATES.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
 

@@ -114,6 +114,7 @@ def _job_fields(job: Job, viewer: str | None = None) -> dict[str, Any]:
         "reason_code": job.reason_code,
         "calling_ae_title": job.calling_ae_title,
         "bundle_version": job.bundle_version,
+        "mode": job.mode,
         "attempts": job.attempts,
         "worker": job.worker,
         "created_at": job.created_at,

@@ -52,6 +52,7 @@ class JobOut(BaseModel):
     reason_code: str | None
     calling_ae_title: str | None
     bundle_version: str | None
+    mode: str | None = Field(default=None, description="live or shadow (nothing sent); None until run")
     attempts: int
     worker: str | None = Field(description="the worker that ran (or runs) it last")
     created_at: datetime

@@ -22,7 +22,8 @@ from service.core.retention import disk_use, purge
 from service.core.settings import Settings
 from service.site import feedback, labels
 from service.site.feedback import FeedbackError, Verdict
-from service.site.findings import ModelFindings, bundle_findings
+from service.site.findings import ModelFindings
+from service.site.operating_points import site_findings
 from service.site.report import charts_base64, fmt, fmt_auroc, render_html
 from service.site.validation import ValidationReport, validate
 
@@ -30,8 +31,9 @@ router = APIRouter()
 pages = APIRouter(include_in_schema=False)
 
 
-def _model(settings: Settings) -> ModelFindings:
-    return bundle_findings(settings.model_bundle)
+def _model(session: Session, settings: Settings) -> ModelFindings:
+    # The live bundle (service.site.bundles) at the site's operating points (service.site.operating_points).
+    return site_findings(session, settings.model_bundle)
 
 
 # ------------------------------------------------------------------------------------------- feedback
@@ -133,7 +135,7 @@ def _import(session: Session, ctx: Any, upload: UploadFile, who: Any, client: st
     if len(data) > limit:
         raise labels.LabelFileError([labels.Problem(0, "the file is larger than the upload limit")])
     record = labels.import_labels(
-        session, data, _model(ctx.settings), username=who.username, filename=upload.filename
+        session, data, _model(session, ctx.settings), username=who.username, filename=upload.filename
     )
     actions.audit(
         session,
@@ -172,7 +174,7 @@ def _labels_page(
     request: Request, session: Session, problems: list[dict[str, Any]], status: int
 ) -> HTMLResponse:
     imports = session.scalars(select(LabelImport).order_by(LabelImport.id.desc()).limit(50)).all()
-    model = _model(request.app.state.ctx.settings)
+    model = _model(session, request.app.state.ctx.settings)
     return render(
         request,
         "site_labels.html",
@@ -228,7 +230,7 @@ class ValidationQuery:
     bundle_version: str
 
     def run(self, session: Session, settings: Settings) -> ValidationReport:
-        model = _model(settings)
+        model = _model(session, settings)
         return validate(
             session,
             model.labels,

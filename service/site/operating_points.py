@@ -13,12 +13,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.models import OperatingPointSet
+from service.site.bundles import live_findings
+from service.site.findings import ModelFindings
 from service.site.validation import StudyCase, roc_curve
 
 
@@ -166,3 +169,12 @@ def choose(cases: Sequence[StudyCase], finding: str, target: Target, value: floa
     if best is None:
         raise OperatingPointError(f"{finding}: no threshold gives {target} ≥ {value:.2f}")
     return Choice(finding, best[0], best[1], 1.0 - best[2], len(mine))
+
+
+def site_findings(session: Session, configured: Path) -> ModelFindings:
+    """The live bundle's findings at the thresholds jobs run with now (the site's over the bundle's)."""
+    model = live_findings(session, configured)
+    if model.version is None:
+        return model
+    points = effective(session, model.version, model.operating_points)
+    return ModelFindings(model.labels, points.thresholds, model.version)
