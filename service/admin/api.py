@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import Response
@@ -96,11 +96,17 @@ def api_job_patient(job_id: str, session: DB, admin: Admin, client: Client) -> P
     )
 
 
+# A job's picture, served as PNG (documented as such in the OpenAPI schema).
+_PNG: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {200: {"content": {"image/png": {}}}},
+    "tags": ["jobs"],
+}
+
+
 @router.get(
     "/jobs/{job_id}/heatmaps/{n}.png",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
-    tags=["jobs"],
+    **_PNG,
 )
 def api_heatmap(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
     """The n-th heatmap Secondary Capture of the job, rendered as PNG."""
@@ -113,9 +119,7 @@ def api_heatmap(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
 
 @router.get(
     "/jobs/{job_id}/images/{n}.png",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
-    tags=["jobs"],
+    **_PNG,
 )
 def api_source_image(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
     """The job's n-th analysed image (``images`` of its result) as a downscaled greyscale PNG (long side

@@ -99,15 +99,24 @@ def _finish(
     return outcome
 
 
-def test_pacs_down_then_both_workers_killed(site_factory: Callable[..., Site], tmp_path: Path) -> None:
-    """The issue's first run: the deliveries were countdown tasks in the dying workers' memory."""
+def _pacs_down_with_every_delivery_retrying(
+    site_factory: Callable[..., Site], tmp_path: Path, tag: str
+) -> tuple[Site, list[Path], Callable[[], float | None]]:
+    """A site whose PACS is down, N studies sent, every delivery retrying: the first half of a fault run.
+    Returns the site, the files and the PACS watch (as ``_finish`` takes it)."""
     site = site_factory()
-    files = make_studies(N, tmp_path / "in", tag="W")
+    files = make_studies(N, tmp_path / "in", tag=tag)
     last = site.watch_pacs(N * OUTPUTS_PER_STUDY)
     site.orthanc.stop()
     site.note("FAULT PACS down")
     site.send(files)
     site.wait(lambda: _deliveries_waiting_on_the_pacs(site, N), 600, "every delivery retrying")
+    return site, files, last
+
+
+def test_pacs_down_then_both_workers_killed(site_factory: Callable[..., Site], tmp_path: Path) -> None:
+    """The issue's first run: the deliveries were countdown tasks in the dying workers' memory."""
+    site, files, last = _pacs_down_with_every_delivery_retrying(site_factory, tmp_path, "W")
     for worker in site.workers:
         worker.kill9()
     site.note("FAULT kill -9 both workers (the supervisor starts them again 5 s later)")
@@ -121,13 +130,7 @@ def test_pacs_down_then_both_workers_killed(site_factory: Callable[..., Site], t
 
 def test_pacs_down_then_redis_killed(site_factory: Callable[..., Site], tmp_path: Path) -> None:
     """The issue's second run: Redis held 19 messages for 20 deliveries, and the workers exited as stopped."""
-    site = site_factory()
-    files = make_studies(N, tmp_path / "in", tag="R")
-    last = site.watch_pacs(N * OUTPUTS_PER_STUDY)
-    site.orthanc.stop()
-    site.note("FAULT PACS down")
-    site.send(files)
-    site.wait(lambda: _deliveries_waiting_on_the_pacs(site, N), 600, "every delivery retrying")
+    site, files, last = _pacs_down_with_every_delivery_retrying(site_factory, tmp_path, "R")
     site.redis.kill9()
     site.note("FAULT kill -9 Redis")
     time.sleep(2)

@@ -57,13 +57,21 @@ def _statuses(listener: Listener, study_uid: str) -> list[JobStatus]:
     return [j.status for j in jobs(listener) if j.study_id == study_id]
 
 
+def _storescu(listener: Listener, path: Path) -> None:
+    """DCMTK's storescu sends ``path`` on its own association (released when it is done)."""
+    result = storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY")
+    assert result.returncode == 0
+
+
 def _assembler_passed(listener: Listener, shared_dir: Path) -> None:
-    """Send a fresh study on an association released at once and wait until it is queued: by then the
-    assembler has looked at every study received before it (quiet for longer), so whatever it did not
-    queue, it held on purpose. The positive event that stands in for a fixed sleep."""
+    """Send a fresh study on an association aborted at once and wait until it is queued: an aborted
+    association's study waits out the whole quiet period (a released one closes after a short grace), so
+    by then the assembler has looked at every study received before it (quiet for longer), and whatever
+    it did not queue, it held on purpose. The positive event that stands in for a fixed sleep."""
     marker = generate_uid()
     with association(scu(), listener.settings) as assoc:
         assert store_status(assoc, _instance(shared_dir, marker)) == 0x0000
+        assoc.abort()
     wait_for(lambda: _statuses(listener, marker) == [JobStatus.QUEUED])
 
 
@@ -85,7 +93,8 @@ def test_open_association_holds_the_study_and_release_restarts_the_quiet_period(
         lambda: [j for j in jobs(listener) if j.study_id == touched.id and j.status == JobStatus.QUEUED]
     )[0]
     assert job.queued_at is not None
-    assert (job.queued_at - touched.last_received_at).total_seconds() >= QUIET - 0.05
+    grace = listener.settings.study_release_grace_seconds  # a released association's study closes sooner
+    assert (job.queued_at - touched.last_received_at).total_seconds() >= grace - 0.05
 
 
 def test_instances_after_a_finished_job_start_a_rerun_and_history_keeps_both(
@@ -94,10 +103,7 @@ def test_instances_after_a_finished_job_start_a_rerun_and_history_keeps_both(
     study_uid = generate_uid()
     first = tmp_path / "first.dcm"
     _instance(shared_dir, study_uid).save_as(first, enforce_file_format=True)
-    assert (
-        storescu("127.0.0.1", listener.settings.listener_port, [first], called_aet="CXR_GATEWAY").returncode
-        == 0
-    )
+    _storescu(listener, first)
     [job1] = wait_for(lambda: [j for j in jobs(listener) if j.status == JobStatus.QUEUED])
     # The worker's part, done by hand: the job ran and finished.
     with listener.sessions.begin() as session:
@@ -106,10 +112,7 @@ def test_instances_after_a_finished_job_start_a_rerun_and_history_keeps_both(
 
     late = tmp_path / "late.dcm"
     _instance(shared_dir, study_uid).save_as(late, enforce_file_format=True)
-    assert (
-        storescu("127.0.0.1", listener.settings.listener_port, [late], called_aet="CXR_GATEWAY").returncode
-        == 0
-    )
+    _storescu(listener, late)
     wait_for(lambda: len(jobs(listener)) == 2 and jobs(listener)[1].status == JobStatus.QUEUED)
 
     history = jobs(listener)
@@ -136,16 +139,10 @@ def test_identical_resend_after_a_finished_job_does_not_rerun(
     path = tmp_path / "one.dcm"
     study_uid = generate_uid()
     _instance(shared_dir, study_uid).save_as(path, enforce_file_format=True)
-    assert (
-        storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY").returncode
-        == 0
-    )
+    _storescu(listener, path)
     [job] = wait_for(lambda: [j for j in jobs(listener) if j.status == JobStatus.QUEUED])
     with listener.sessions.begin() as session:
         transition(session, job.id, JobStatus.DONE)
-    assert (
-        storescu("127.0.0.1", listener.settings.listener_port, [path], called_aet="CXR_GATEWAY").returncode
-        == 0
-    )
+    _storescu(listener, path)
     _assembler_passed(listener, shared_dir)
     assert _statuses(listener, study_uid) == [JobStatus.DONE]

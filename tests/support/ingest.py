@@ -142,6 +142,10 @@ def _openssl(*args: str | Path) -> None:
     subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
 
 
+# A new P-256 key, unencrypted: every test certificate's key.
+_NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+
+
 def _issue(
     directory: Path, name: str, ca_cert: Path, ca_key: Path, cn: str, extensions: str
 ) -> tuple[Path, Path]:
@@ -150,11 +154,7 @@ def _issue(
     _openssl(
         "req",
         "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *_NEW_EC_KEY,
         "-keyout",
         key,
         "-out",
@@ -188,11 +188,7 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     _openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *_NEW_EC_KEY,
         "-keyout",
         key,
         "-out",

@@ -591,35 +591,20 @@ def _image_descriptors(ds: pydicom.Dataset) -> list[hd.sr.ContentItem]:
         )
     orientation = list(ds.get("PatientOrientation") or [])
     if len(orientation) == 2 and all(orientation):
-        items.append(
-            TextContentItem(
-                name=codes.DCM.PatientOrientationRow, value=str(orientation[0]), relationship_type=context
-            )
-        )
-        items.append(
-            TextContentItem(
-                name=codes.DCM.PatientOrientationColumn, value=str(orientation[1]), relationship_type=context
-            )
-        )
+        for name, direction in zip(
+            (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn), orientation, strict=True
+        ):
+            items.append(TextContentItem(name=name, value=str(direction), relationship_type=context))
     spacing = [float(v) for v in ds.get("ImagerPixelSpacing") or []]
     if len(spacing) == 2 and min(spacing) > 0:  # zero spacing is a known real-world quirk: omit
         row_spacing, column_spacing = spacing
-        items.append(
-            NumContentItem(
-                name=codes.DCM.HorizontalPixelSpacing,
-                value=column_spacing,
-                unit=codes.UCUM.Millimeter,
-                relationship_type=context,
+        for name, value in (
+            (codes.DCM.HorizontalPixelSpacing, column_spacing),
+            (codes.DCM.VerticalPixelSpacing, row_spacing),
+        ):
+            items.append(
+                NumContentItem(name=name, value=value, unit=codes.UCUM.Millimeter, relationship_type=context)
             )
-        )
-        items.append(
-            NumContentItem(
-                name=codes.DCM.VerticalPixelSpacing,
-                value=row_spacing,
-                unit=codes.UCUM.Millimeter,
-                relationship_type=context,
-            )
-        )
     return items
 
 

@@ -6,6 +6,7 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.models import Notification
 from service.core.notifications import (
@@ -35,12 +36,19 @@ def test_the_table_is_the_documented_machine() -> None:
     assert not any(allowed(S.SENT, dst) for dst in S)
 
 
-def test_every_pair_moves_only_when_allowed(tmp_path: Path) -> None:
+@pytest.fixture
+def notification(tmp_path: Path) -> tuple[sessionmaker[Session], int]:
+    """A migrated database with one notification row of a finished job: the sessions and its id."""
     settings = make_settings(tmp_path)
     sessions = database(settings)
     job_id = done_job(sessions)
     with sessions.begin() as s:
         [row_id, *_] = create_for_job(s, job_id, settings, FINISHED)
+    return sessions, row_id
+
+
+def test_every_pair_moves_only_when_allowed(notification: tuple[sessionmaker[Session], int]) -> None:
+    sessions, row_id = notification
     for src, dst in product(S, S):
         with sessions.begin() as s:
             s.get(Notification, row_id).status = src  # type: ignore[union-attr]
@@ -57,12 +65,10 @@ def test_every_pair_moves_only_when_allowed(tmp_path: Path) -> None:
         assert status == (dst if allowed(src, dst) else src), (src, dst)
 
 
-def test_a_claim_is_a_compare_and_set_on_the_attempt_count(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
-    sessions = database(settings)
-    job_id = done_job(sessions)
-    with sessions.begin() as s:
-        [row_id, *_] = create_for_job(s, job_id, settings, FINISHED)
+def test_a_claim_is_a_compare_and_set_on_the_attempt_count(
+    notification: tuple[sessionmaker[Session], int],
+) -> None:
+    sessions, row_id = notification
     with sessions.begin() as s:
         assert transition(s, row_id, S.SENDING, if_attempts=0, attempts=1)
     with sessions.begin() as s:
