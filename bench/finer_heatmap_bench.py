@@ -1,6 +1,7 @@
 """Finer heatmaps: CPU inference per image of today's shipped bundle vs a finer-map bundle, one process.
 
-Run: .venv/bin/python bench/finer_heatmap_bench.py [--fine BUNDLE] [--threads 1] [--images 16] [--rounds 5]
+Run: .venv/bin/python bench/finer_heatmap_bench.py [--fine BUNDLE] [--today BUNDLE] [--threads 1]
+[--images 16] [--rounds 5]
 
 Both go through the worker's own Predictor (CPU backend chosen as in production: ONNX Runtime when the
 bundle ships models/model.onnx), on the same real 512 px dev images, one image per call (a study's usual
@@ -42,6 +43,12 @@ def _per_image(predictor: Predictor, images: list[np.ndarray]) -> tuple[float, f
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fine", type=Path, default=None, help="finer-map bundle (default: random stride 8)")
+    parser.add_argument(
+        "--today",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help="the bundle to compare with (default: the shipped one)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
@@ -63,7 +70,7 @@ def main() -> None:
         ]
     with tempfile.TemporaryDirectory() as tmp:
         fine_dir = args.fine or random_bundle(Path(tmp) / "fine", 128, feature_stride=8)
-        today = Predictor(load_bundle(DEFAULT_BUNDLE), threads=args.threads)
+        today = Predictor(load_bundle(args.today), threads=args.threads)
         fine = Predictor(load_bundle(fine_dir), threads=args.threads)
         shapes = {
             name: p.predict(images[:1]).cams.shape[2:] for name, p in (("today", today), ("fine", fine))

@@ -505,8 +505,8 @@ def clahe(image: npt.ArrayLike, *, tiles: int = 8, clip_limit: float = 2.0, bins
     x0, x1, wx = _tile_neighbours(cols, tiles_x)
     top = maps[y0[:, None], x0[None, :], q] * (1 - wx) + maps[y0[:, None], x1[None, :], q] * wx
     bottom = maps[y1[:, None], x0[None, :], q] * (1 - wx) + maps[y1[:, None], x1[None, :], q] * wx
-    out = (top * (1 - wy[:, None]) + bottom * wy[:, None]).astype(np.float32)
-    return out[None] if squeeze else out
+    out: FloatImage = (top * (1 - wy[:, None]) + bottom * wy[:, None]).astype(np.float32)
+    return np.asarray(out[None]) if squeeze else out
 
 
 def _tile_neighbours(
