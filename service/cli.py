@@ -182,13 +182,13 @@ def validate(
 ) -> None:
     """Per-finding figures of the model on the site's labelled studies (reference labels, reader feedback)."""
     from service.core.db import make_session_factory
-    from service.site.findings import bundle_findings
+    from service.site.operating_points import site_findings
     from service.site.report import fmt, fmt_auroc, render_html
     from service.site.validation import validate as run_validate
 
     settings = _settings(ctx)
-    model = bundle_findings(settings.model_bundle)
     with make_session_factory(settings)() as session:
+        model = site_findings(session, settings.model_bundle)  # the live bundle at the site's thresholds
         report = run_validate(
             session,
             model.labels,
@@ -218,6 +218,34 @@ def validate(
         )
     if out is not None:
         click.echo(f"report written to {out}")
+
+
+@main.command("export-training")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write."
+)
+@click.option(
+    "--keep-identifiers",
+    is_flag=True,
+    help="Write the studies as received (no pseudonyms, nothing removed): only inside the hospital.",
+)
+@click.pass_context
+def export_training(ctx: click.Context, out: Path, keep_identifiers: bool) -> None:
+    """Write the labelled studies (de-identified) and a labels CSV for `python -m monai_train finetune`."""
+    from service.core.db import make_session_factory
+    from service.site.export import export_training as run_export
+
+    settings = _settings(ctx)
+    with make_session_factory(settings).begin() as session:
+        report = run_export(session, settings, out, identified=keep_identifiers)
+    click.echo(
+        f"exported {report.studies} labelled studies of {len(report.patients)} patients: {report.files} "
+        f"files ({report.missing_files} purged or missing) and labels.csv in {out}"
+    )
+    click.echo(
+        f"fine-tune: python -m monai_train finetune --from BUNDLE --images {out / 'images'} "
+        f"--labels {out / 'labels.csv'} --out NEW_BUNDLE --version NEW_VERSION"
+    )
 
 
 def _child_env(ctx: click.Context) -> dict[str, str]:

@@ -16,9 +16,11 @@ from service.admin.app import create_app
 from service.core.db import make_session_factory, migrate
 from service.core.models import AuditEntry, Job, OperatingPointSet
 from service.core.settings import Destination, load_settings
+from service.core.status import Mode
 from service.site.drift import Reference, Week, bin_fractions, compare, psi
 from service.site.findings import ModelFindings
-from tests.unit.site.conftest import USERS, VIEWER, seed_job
+from tests.unit.admin.conftest import VIEWER
+from tests.unit.site.conftest import USERS, seed_job
 
 
 def test_psi_matches_a_hand_computation() -> None:
@@ -166,7 +168,7 @@ def test_every_page_shows_shadow_mode(tmp_path: Path) -> None:
         mode="shadow",
         destinations=[
             Destination(ae_title="PACS", host="h", port=104),
-            Destination(ae_title="TEST", host="h", port=105, mode="live"),
+            Destination(ae_title="TEST", host="h", port=105, mode=Mode.LIVE),
         ],
     )
     assert [d.mode for d in settings.destinations] == ["shadow", "live"]
