@@ -143,9 +143,7 @@ def api_requeue(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> RequeueO
         new_id = actions.requeue(ctx.sessions, ctx.celery, job_id, admin, client)
     except actions.ActionError as exc:
         raise _fail(exc) from exc
-    with ctx.sessions() as session:
-        job = job_or_404(session, new_id)
-        return RequeueOut(requeued_from=job_id, job=job_out(job, ctx.settings.viewer_url))
+    return RequeueOut(requeued_from=job_id, job=_job_now(ctx, new_id))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
@@ -155,9 +153,13 @@ def api_cancel(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> JobOut:
         actions.cancel(ctx.sessions, job_id, admin, client)
     except actions.ActionError as exc:
         raise _fail(exc) from exc
+    return _job_now(ctx, job_id)
+
+
+def _job_now(ctx: Context, job_id: str) -> JobOut:
+    """The job as it is after an action (read in a fresh session)."""
     with ctx.sessions() as session:
-        job = job_or_404(session, job_id)
-        return job_out(job, ctx.settings.viewer_url)
+        return job_out(job_or_404(session, job_id), ctx.settings.viewer_url)
 
 
 @router.get("/deliveries", response_model=list[DeliveryOut], tags=["deliveries"])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from service.core.models import Instance
-from service.core.settings import Source
+from service.core.settings import Settings, Source
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest import count, ingest_settings, running_listener, scu
 
@@ -16,10 +17,15 @@ CR = "dicom/chest/cr-pa-mono1-explicit-le.dcm"
 CALLING_AE_NOT_RECOGNISED = "Calling AE Title Not Recognized"
 
 
+def _echo(settings: Settings, calling: str, called: str = "CXR_GATEWAY") -> subprocess.CompletedProcess[str]:
+    """DCMTK's echoscu to the listener as ``calling``."""
+    return echoscu("127.0.0.1", settings.listener_port, called_aet=called, calling_aet=calling)
+
+
 def test_allowed_peer_may_echo_and_store(tmp_path: Path, shared_dir: Path) -> None:
     settings = ingest_settings(tmp_path, sources=[Source(ae_title="MODALITY", host="127.0.0.1")])
     with running_listener(settings) as listener:
-        echo = echoscu("127.0.0.1", settings.listener_port, called_aet="CXR_GATEWAY", calling_aet="MODALITY")
+        echo = _echo(settings, "MODALITY")
         assert echo.returncode == 0, echo.stderr
         sent = storescu(
             "127.0.0.1",
@@ -35,7 +41,7 @@ def test_allowed_peer_may_echo_and_store(tmp_path: Path, shared_dir: Path) -> No
 def test_unknown_calling_ae_title_is_rejected_permanently(tmp_path: Path, shared_dir: Path) -> None:
     settings = ingest_settings(tmp_path, sources=[Source(ae_title="MODALITY", host="127.0.0.1")])
     with running_listener(settings) as listener:
-        echo = echoscu("127.0.0.1", settings.listener_port, called_aet="CXR_GATEWAY", calling_aet="STRANGER")
+        echo = _echo(settings, "STRANGER")
         assert echo.returncode != 0
         assert "Rejected Permanent" in echo.stderr + echo.stdout
         assert CALLING_AE_NOT_RECOGNISED in echo.stderr + echo.stdout
@@ -49,7 +55,7 @@ def test_unknown_calling_ae_title_is_rejected_permanently(tmp_path: Path, shared
         assert sent.returncode != 0
         assert count(listener, Instance) == 0
         # The listener is still there for the peers it knows.
-        ok = echoscu("127.0.0.1", settings.listener_port, called_aet="CXR_GATEWAY", calling_aet="MODALITY")
+        ok = _echo(settings, "MODALITY")
         assert ok.returncode == 0, ok.stderr
 
 
@@ -57,7 +63,7 @@ def test_known_ae_title_from_another_host_is_rejected(tmp_path: Path) -> None:
     # The AE title is allowed, but only from 10.9.8.7: from 127.0.0.1 the address check must reject it.
     settings = ingest_settings(tmp_path, sources=[Source(ae_title="MODALITY", host="10.9.8.7")])
     with running_listener(settings):
-        echo = echoscu("127.0.0.1", settings.listener_port, called_aet="CXR_GATEWAY", calling_aet="MODALITY")
+        echo = _echo(settings, "MODALITY")
         assert echo.returncode != 0
         assert CALLING_AE_NOT_RECOGNISED in echo.stderr + echo.stdout
 
@@ -76,14 +82,14 @@ def test_networks_and_host_names_are_allowed(tmp_path: Path) -> None:
     )
     with running_listener(settings):
         for calling in ("SUBNET", "BYNAME"):
-            echo = echoscu("127.0.0.1", settings.listener_port, called_aet="CXR_GATEWAY", calling_aet=calling)
+            echo = _echo(settings, calling)
             assert echo.returncode == 0, echo.stderr
 
 
 def test_wrong_called_ae_title_is_rejected(tmp_path: Path) -> None:
     settings = ingest_settings(tmp_path, sources=[Source(ae_title="MODALITY", host="127.0.0.1")])
     with running_listener(settings):
-        echo = echoscu("127.0.0.1", settings.listener_port, called_aet="NOT_US", calling_aet="MODALITY")
+        echo = _echo(settings, "MODALITY", called="NOT_US")
         assert echo.returncode != 0
         assert "Called AE Title Not Recognized" in echo.stderr + echo.stdout
 
@@ -93,7 +99,7 @@ def test_empty_source_list_accepts_anyone_and_says_so(
 ) -> None:
     settings = ingest_settings(tmp_path, sources=[])
     with caplog.at_level(logging.WARNING, logger="service.scp"), running_listener(settings):
-        echo = echoscu("127.0.0.1", settings.listener_port, called_aet="CXR_GATEWAY", calling_aet="ANYONE")
+        echo = _echo(settings, "ANYONE")
         assert echo.returncode == 0, echo.stderr
     assert any("CXR_SOURCES is empty" in r.getMessage() for r in caplog.records)
 

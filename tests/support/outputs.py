@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydicom
 
 from service.core.status import OutputKind
@@ -29,3 +31,9 @@ def context(source: pydicom.Dataset, kind: OutputKind, algorithm: AlgorithmInfo 
         sop_instance_uid=derive_uid(PREFIX, str(source.get("SOPInstanceUID")), version, str(kind)),
         series_number=SERIES_NUMBERS[kind],
     )
+
+
+def save(ds: pydicom.Dataset, path: Path) -> Path:
+    """``ds`` written as a Part 10 file at ``path`` (for dciodvfy and DCMTK)."""
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.core.status import OutputKind
 from tests.support.dciodvfy import dciodvfy_errors
-from tests.support.outputs import ALGORITHM, context
+from tests.support.outputs import ALGORITHM, context, save
 from tests.support.paths import CHEST_DICOM
 from tests.support.peers import tool
 from worker.dicom.codes import AI_DISCLAIMER, value_name
@@ -74,11 +74,6 @@ def _build(
 
 def _read(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(CHEST_DICOM / name)
-
-
-def _save(ds: pydicom.Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _layer(gsps: pydicom.Dataset, layer: str) -> list[pydicom.Dataset]:
@@ -177,7 +172,7 @@ def test_gsps_outlines_the_regions(shared_dir: Path, name: str, tmp_path: Path) 
     else:
         assert "SoftcopyVOILUTSequence" not in gsps
 
-    path = _save(gsps, tmp_path / "gsps.dcm")
+    path = save(gsps, tmp_path / "gsps.dcm")
     assert dciodvfy_errors(path) == []
     assert pydicom.dcmread(path).SOPInstanceUID == gsps.SOPInstanceUID
 
@@ -201,7 +196,7 @@ def test_no_regions_and_nothing_present(shared_dir: Path, tmp_path: Path) -> Non
             float(v) for v in (*text.BoundingBoxTopLeftHandCorner, *text.BoundingBoxBottomRightHandCorner)
         ]
         assert all(0.0 <= v <= 1.0 for v in values)
-    assert dciodvfy_errors(_save(gsps, tmp_path / "empty.dcm")) == []
+    assert dciodvfy_errors(save(gsps, tmp_path / "empty.dcm")) == []
 
 
 def test_present_findings_without_a_region_are_listed(shared_dir: Path) -> None:
@@ -234,7 +229,7 @@ def test_source_without_pixel_spacing_or_body_part(shared_dir: Path, tmp_path: P
             delattr(source, keyword)
     gsps = _build(source)
     assert "BodyPartExamined" not in gsps and gsps.Laterality == ""  # Type 2C: unknown, so empty
-    assert dciodvfy_errors(_save(gsps, tmp_path / "bare.dcm")) == []
+    assert dciodvfy_errors(save(gsps, tmp_path / "bare.dcm")) == []
 
     chest = _build(_read(CR))
     assert chest.BodyPartExamined == "CHEST" and "Laterality" not in chest  # unpaired: absent
@@ -290,7 +285,7 @@ def test_dcmtk_renders_the_source_as_it_looks_alone(shared_dir: Path, tmp_path: 
     """Under the GSPS (INVERSE + the source's window) DCMTK renders the MONOCHROME1 CR as it does without."""
     dcmp2pgm = tool("dcmp2pgm", "dcmtk")
     image = CHEST_DICOM / CR
-    pstate = _save(_build(_read(CR)), tmp_path / "gsps.dcm")
+    pstate = save(_build(_read(CR)), tmp_path / "gsps.dcm")
 
     def render(*options: str) -> npt.NDArray[np.float64]:
         out = tmp_path / f"render{len(options)}.pgm"

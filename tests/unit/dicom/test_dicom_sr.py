@@ -15,7 +15,7 @@ import pytest
 
 from service.core.status import OutputKind
 from tests.support.dciodvfy import dciodvfy_errors
-from tests.support.outputs import ALGORITHM, context
+from tests.support.outputs import ALGORITHM, context, save
 from tests.support.paths import CHEST_DICOM, SR_DICOM
 from tests.support.peers import tool
 from worker.dicom.codes import AI_DISCLAIMER, FINDING_CODES, NIH_LABELS, display_name
@@ -43,11 +43,6 @@ def _regions(source: pydicom.Dataset, findings: list[FindingResult]) -> list[Reg
     heat[2:4, 5] = 1.0
     regions = [finding_region(f.label, heat, int(source.Rows), int(source.Columns)) for f in findings]
     return [r for r, f in zip(regions, findings, strict=True) if r is not None and f.present]
-
-
-def _save(ds: pydicom.Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
@@ -108,7 +103,7 @@ def test_measurement_report_has_a_region_in_every_group(
 ) -> None:
     findings = _findings()
     present = [f for f in findings if f.present]
-    path = _save(_build(cr_source, findings), tmp_path / "sr.dcm")
+    path = save(_build(cr_source, findings), tmp_path / "sr.dcm")
 
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
@@ -203,7 +198,7 @@ def test_measurement_report_records_each_threshold(shared_dir: Path, cr_source: 
 def test_reports_validate(shared_dir: Path, name: str, tmp_path: Path) -> None:
     source = pydicom.dcmread(CHEST_DICOM / name)
     present = sum(f.present for f in _findings())
-    path = _save(_build(source), tmp_path / "sr.dcm")
+    path = save(_build(source), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     dump = _dsrdump(path)
     assert dump.returncode == 0, dump.stderr
@@ -212,7 +207,7 @@ def test_reports_validate(shared_dir: Path, name: str, tmp_path: Path) -> None:
     assert dump.stdout.count("SCOORD") == present
     assert "E:" not in dump.stderr
 
-    path = _save(_results(source), tmp_path / "report.dcm")
+    path = save(_results(source), tmp_path / "report.dcm")
     assert dciodvfy_errors(path) == []
     dump = _dsrdump(path)
     assert dump.returncode == 0, dump.stderr
@@ -223,7 +218,7 @@ def test_no_present_finding_gives_a_report_without_groups(
     shared_dir: Path, cr_source: pydicom.Dataset, tmp_path: Path
 ) -> None:
     findings = [FindingResult(label, 0.1, 0.5) for label in NIH_LABELS]
-    path = _save(_build(cr_source, findings), tmp_path / "sr.dcm")
+    path = save(_build(cr_source, findings), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     dump = _dsrdump(path).stdout
     assert "Measurement Group" not in dump and "Imaging Measurements" not in dump
@@ -236,7 +231,7 @@ def test_present_finding_without_region_gets_no_group(
 ) -> None:
     findings = _findings()
     regions = [r for r in _regions(cr_source, findings) if r.label != "Effusion"]
-    path = _save(_build(cr_source, findings, regions=regions), tmp_path / "sr.dcm")
+    path = save(_build(cr_source, findings, regions=regions), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
     labels = [g.tracking_identifier for g in sr.content.get_planar_roi_measurement_groups()]
@@ -330,7 +325,7 @@ def test_not_analysed_sr_for_an_image(shared_dir: Path, cr_source: pydicom.Datas
         {cr_source.SOPInstanceUID: "not_frontal"},
         context(cr_source, OutputKind.SR),
     )
-    path = _save(ds, tmp_path / "not-analysed.dcm")
+    path = save(ds, tmp_path / "not-analysed.dcm")
     assert dciodvfy_errors(path) == []
     dump = _dsrdump(path)
     assert dump.returncode == 0, dump.stderr
@@ -352,7 +347,7 @@ def test_not_analysed_sr_for_a_non_image(shared_dir: Path, tmp_path: Path) -> No
     )
     referenced = _referenced_sops(ds)
     assert referenced[0].ReferencedSOPInstanceUID == received.SOPInstanceUID
-    path = _save(ds, tmp_path / "not-analysed.dcm")
+    path = save(ds, tmp_path / "not-analysed.dcm")
     assert dciodvfy_errors(path) == []
     dump = _dsrdump(path)
     assert dump.returncode == 0, dump.stderr
