@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
-from service.admin import api, health, metrics, notifications, pages, pull, site_loop, site_pages
+from service.admin import api, health, latency, metrics, notifications, pages, pull, site_loop, site_pages
 from service.admin.auth import Accounts, LoginThrottle, session_secret
 from service.admin.deps import Context, get_context
 from service.admin.guard import CSP, Guard, csrf_protect
@@ -95,6 +95,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.include_router(notifications.router)
+    app.include_router(latency.router)
     app.include_router(site_pages.router)
     app.include_router(site_pages.pages)
     app.include_router(site_loop.router)

@@ -1,18 +1,23 @@
 """How long studies took, stage by stage: from the association's release to the results delivered.
 
 Read from the job and delivery rows the gateway writes anyway (no extra bookkeeping on the hot path). The
-dashboard shows the last hour; ``bench/latency_bench.py`` prints the same stages for its run.
+dashboard shows the last hour (page and API); ``bench/latency_bench.py`` prints the same stages for its run.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.admin import pages
+from service.admin.deps import DB, User
 from service.core.models import Delivery, Instance, Job, Study
 from service.core.status import DeliveryStatus, JobStatus
 
@@ -48,13 +53,21 @@ class JobTimes:
         return {name: (b - a).total_seconds() for name, (a, b) in spans.items() if b is not None}
 
 
-@dataclass(frozen=True)
-class StageSummary:
+class StageSummary(BaseModel):
     stage: str
+    span: str
     count: int
     p50: float | None
     p95: float | None
     p99: float | None
+
+
+class LatencyOut(BaseModel):
+    """Seconds per stage of the done jobs finished in the window (a job counts in ``delivery`` and
+    ``end_to_end`` once every output of it is delivered)."""
+
+    window_seconds: int
+    stages: list[StageSummary]
 
 
 def job_times(session: Session, since: datetime) -> list[JobTimes]:
@@ -118,8 +131,10 @@ def summarise(seconds_by_stage: dict[str, list[float]]) -> list[StageSummary]:
     out = []
     for stage in STAGES:
         values = seconds_by_stage.get(stage, [])
-        p50, p95, p99 = (percentile(values, q) for q in PERCENTILES)
-        out.append(StageSummary(stage, len(values), p50, p95, p99))
+        p50, p95, p99 = (_rounded(percentile(values, q)) for q in PERCENTILES)
+        out.append(
+            StageSummary(stage=stage, span=STAGES[stage], count=len(values), p50=p50, p95=p95, p99=p99)
+        )
     return out
 
 
@@ -131,5 +146,26 @@ def stage_seconds(times: list[JobTimes]) -> dict[str, list[float]]:
     return by_stage
 
 
-def last_hour(session: Session, now: datetime) -> list[StageSummary]:
-    return summarise(stage_seconds(job_times(session, now - timedelta(hours=1))))
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+WINDOW = timedelta(hours=1)
+router = APIRouter()
+
+
+def last_hour(session: Session, now: datetime) -> LatencyOut:
+    stages = summarise(stage_seconds(job_times(session, now - WINDOW)))
+    return LatencyOut(window_seconds=int(WINDOW.total_seconds()), stages=stages)
+
+
+@router.get("/api/latency", response_model=LatencyOut, tags=["health"])
+def api_latency(session: DB, user: User) -> LatencyOut:
+    """p50/p95/p99 seconds per stage, from the association's release to the results delivered, over
+    the last hour's done jobs."""
+    return last_hour(session, datetime.now(UTC))
+
+
+@router.get("/latency", response_class=HTMLResponse)
+def latency_page(request: Request, session: DB, user: User) -> HTMLResponse:
+    return pages.render(request, "latency.html", {"latency": last_hour(session, datetime.now(UTC))})
