@@ -19,8 +19,9 @@ from tests.conftest import unavailable
 from tests.support.dcmtk import storescu
 from tests.support.gateway import GatewayProcesses
 from tests.support.orthanc import OrthancServer
-from tests.support.peers import CHROMIUM, require_peer
+from tests.support.peers import require_peer
 from tests.support.studies import with_fresh_uids
+from tests.support.viewers import chromium
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -38,16 +39,12 @@ UPLOAD_PNG = "data/nih-cxr14-dev/images/00000846_000.png"
 @pytest.fixture
 def browser() -> Iterator[Any]:
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         unavailable("playwright is not installed (pip install playwright; no `playwright install` needed)")
     require_peer("chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium(CHROMIUM_ARGS) as b:
+        yield b
 
 
 @pytest.fixture

@@ -11,12 +11,13 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from service.core.db import make_session_factory, migrate
+from service.core.db import migrate
 from service.core.models import Instance, Job, JobEvent
 from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus
 from service.scp.server import Listener
 from tests.support.dcmtk import echoscu, storescu
+from tests.support.ingest import running_listener
 from tests.support.net import free_port
 from tests.support.waiting import wait_until
 
@@ -36,12 +37,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def listener(settings: Settings) -> Iterator[Listener]:
-    lst = Listener(settings, make_session_factory(settings))
-    lst.start()
-    try:
+    with running_listener(settings) as lst:
         yield lst
-    finally:
-        lst.stop()
 
 
 def _broker_messages(settings: Settings) -> list[Path]:

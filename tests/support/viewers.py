@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,12 +158,12 @@ class ViewerProxy:
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator[Any]:
-    """Headless Chromium with software WebGL (Playwright's Browser)."""
+def chromium(args: Sequence[str] = CHROMIUM_ARGS) -> Iterator[Any]:
+    """Headless Chromium (Playwright's Browser), by default with software WebGL."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=list(args))
         try:
             yield browser
         finally:
