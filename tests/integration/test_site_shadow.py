@@ -5,6 +5,7 @@ objects, the shadow one none."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from pydicom import dcmread
@@ -26,7 +27,7 @@ STUDY = "dicom/chest/sc-pa-jpeg-baseline.dcm"
 USERS = [{"username": VIEWER[0], "password": VIEWER[1], "role": "viewer"}]
 
 
-def _settings(tmp_path: Path, orthanc: OrthancServer, **overrides: object) -> Settings:
+def _settings(tmp_path: Path, orthanc: OrthancServer, **overrides: Any) -> Settings:
     settings = load_settings(data_dir=tmp_path, dashboard_users=USERS, **overrides)
     migrate(settings)
     return settings
