@@ -130,11 +130,7 @@ def build_findings_gsps(
     layers = _layers()
     drawn = _Outlines.of(regions, by_label, ctx.algorithm, rows, columns)
     corner = _corner_texts(_corner_lines(regions, findings, ctx.algorithm)[:_MAX_CORNER_LINES])
-    annotations: list[GraphicAnnotation] = []
-    if drawn.outlines:
-        annotations.append(GraphicAnnotation([header], layers[0], graphic_objects=drawn.outlines))
-        annotations.append(GraphicAnnotation([header], layers[1], text_objects=drawn.labels))
-    annotations.append(GraphicAnnotation([header], layers[2], text_objects=corner))
+    annotations = _annotations(header, layers, drawn, corner)
 
     inverse = display.monochrome1 != pixels_inverted
     shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
@@ -260,6 +256,18 @@ class _Outlines:
                 )
             )
         return drawn
+
+
+def _annotations(
+    header: pydicom.Dataset, layers: Sequence[GraphicLayer], drawn: _Outlines, corner: list[TextObject]
+) -> list[GraphicAnnotation]:
+    """Outlines and labels on their layers (when there are regions), the corner text on its own."""
+    annotations: list[GraphicAnnotation] = []
+    if drawn.outlines:
+        annotations.append(GraphicAnnotation([header], layers[0], graphic_objects=drawn.outlines))
+        annotations.append(GraphicAnnotation([header], layers[1], text_objects=drawn.labels))
+    annotations.append(GraphicAnnotation([header], layers[2], text_objects=corner))
+    return annotations
 
 
 def _corner_lines(
