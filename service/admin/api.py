@@ -6,9 +6,10 @@ carry ``X-CSRF-Token``). Viewers read; admins also write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import Response
@@ -50,8 +51,19 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0)]
 
 
+T = TypeVar("T")
+
+
 def _fail(exc: actions.ActionError) -> HTTPException:
     return HTTPException(status_code=exc.status_code, detail=exc.detail)
+
+
+def _act(action: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a dashboard action; a refusal (ActionError) becomes the HTTP error it names."""
+    try:
+        return action(*args, **kwargs)
+    except actions.ActionError as exc:
+        raise _fail(exc) from exc
 
 
 @router.get("/me", response_model=Me, tags=["session"])
@@ -139,20 +151,14 @@ def api_source_image(job_id: str, n: int, session: DB, ctx: Ctx) -> Response:
 @router.post("/jobs/{job_id}/requeue", response_model=RequeueOut, tags=["jobs"])
 def api_requeue(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> RequeueOut:
     """Run a finished (done, failed, skipped) job's study again as a new job."""
-    try:
-        new_id = actions.requeue(ctx.sessions, ctx.celery, job_id, admin, client)
-    except actions.ActionError as exc:
-        raise _fail(exc) from exc
+    new_id = _act(actions.requeue, ctx.sessions, ctx.celery, job_id, admin, client)
     return RequeueOut(requeued_from=job_id, job=_job_now(ctx, new_id))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
 def api_cancel(job_id: str, ctx: Ctx, admin: Admin, client: Client) -> JobOut:
     """Cancel a received or queued job (it ends failed, reason "cancelled")."""
-    try:
-        actions.cancel(ctx.sessions, job_id, admin, client)
-    except actions.ActionError as exc:
-        raise _fail(exc) from exc
+    _act(actions.cancel, ctx.sessions, job_id, admin, client)
     return _job_now(ctx, job_id)
 
 
@@ -176,11 +182,7 @@ def api_deliveries(
 @router.post("/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"])
 def api_replay(delivery_id: int, ctx: Ctx, admin: Admin, client: Client) -> DeliveryOut:
     """Send a dead-lettered (or still retrying) output again."""
-    try:
-        delivery = actions.replay(ctx.sessions, ctx.celery, delivery_id, admin, client)
-    except actions.ActionError as exc:
-        raise _fail(exc) from exc
-    return delivery_out(delivery)
+    return delivery_out(_act(actions.replay, ctx.sessions, ctx.celery, delivery_id, admin, client))
 
 
 @router.get("/peers", response_model=list[PeerOut], tags=["peers"])
@@ -192,10 +194,7 @@ def api_peers(ctx: Ctx, user: User) -> list[PeerOut]:
 @router.post("/peers/echo", response_model=EchoOut, tags=["peers"])
 def api_echo(body: EchoIn, ctx: Ctx, admin: Admin) -> EchoOut:
     """C-ECHO the listener or a destination from the dashboard."""
-    try:
-        return actions.echo(ctx.settings, body.target)
-    except actions.ActionError as exc:
-        raise _fail(exc) from exc
+    return _act(actions.echo, ctx.settings, body.target)
 
 
 @router.get("/health", response_model=health.HealthOut, tags=["health"])
@@ -220,10 +219,7 @@ def api_upload(
     fresh_uids: Annotated[bool, Form(description="give a DICOM file new study/series/instance UIDs")] = True,
 ) -> UploadOut:
     """Send a file through the pipeline, C-STOREd to our own listener like a PACS would."""
-    try:
-        return upload_file(ctx, file, fresh_uids=fresh_uids, who=admin, client=client)
-    except actions.ActionError as exc:
-        raise _fail(exc) from exc
+    return _act(upload_file, ctx, file, fresh_uids=fresh_uids, who=admin, client=client)
 
 
 def upload_file(

@@ -22,18 +22,19 @@ def _echo(settings: Settings, calling: str, called: str = "CXR_GATEWAY") -> subp
     return echoscu("127.0.0.1", settings.listener_port, called_aet=called, calling_aet=calling)
 
 
+def _store(settings: Settings, path: Path, calling: str) -> subprocess.CompletedProcess[str]:
+    """DCMTK's storescu of ``path`` to the listener as ``calling``."""
+    return storescu(
+        "127.0.0.1", settings.listener_port, [path], called_aet="CXR_GATEWAY", calling_aet=calling
+    )
+
+
 def test_allowed_peer_may_echo_and_store(tmp_path: Path, shared_dir: Path) -> None:
     settings = ingest_settings(tmp_path, sources=[Source(ae_title="MODALITY", host="127.0.0.1")])
     with running_listener(settings) as listener:
         echo = _echo(settings, "MODALITY")
         assert echo.returncode == 0, echo.stderr
-        sent = storescu(
-            "127.0.0.1",
-            settings.listener_port,
-            [shared_dir / CR],
-            called_aet="CXR_GATEWAY",
-            calling_aet="MODALITY",
-        )
+        sent = _store(settings, shared_dir / CR, "MODALITY")
         assert sent.returncode == 0, sent.stderr
         assert count(listener, Instance) == 1
 
@@ -45,13 +46,7 @@ def test_unknown_calling_ae_title_is_rejected_permanently(tmp_path: Path, shared
         assert echo.returncode != 0
         assert "Rejected Permanent" in echo.stderr + echo.stdout
         assert CALLING_AE_NOT_RECOGNISED in echo.stderr + echo.stdout
-        sent = storescu(
-            "127.0.0.1",
-            settings.listener_port,
-            [shared_dir / CR],
-            called_aet="CXR_GATEWAY",
-            calling_aet="STRANGER",
-        )
+        sent = _store(settings, shared_dir / CR, "STRANGER")
         assert sent.returncode != 0
         assert count(listener, Instance) == 0
         # The listener is still there for the peers it knows.
