@@ -1,6 +1,6 @@
 """The one mechanism behind every row the gateway sends by task name (deliveries, notifications) and
-every state machine (jobs too): a transition is one compare-and-set UPDATE, and a send is owned by the
-database, not the broker.
+every state machine (jobs and pulls too): a transition is one compare-and-set UPDATE, and a send is
+owned by the database, not the broker.
 
 - :class:`StateMachine`: a model and its allowed-moves table (target -> the states it may be reached
   from); :meth:`StateMachine.move` checks the move, then :func:`compare_and_set`.
@@ -26,13 +26,13 @@ from celery import Celery
 from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core.models import Delivery, Job, Notification
+from service.core.models import Delivery, Job, Notification, Pull
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=StrEnum)
 # The models with a status column moved by compare-and-set; those sent by task name.
-Stateful = type[Job] | type[Delivery] | type[Notification]
+Stateful = type[Job] | type[Delivery] | type[Notification] | type[Pull]
 R = TypeVar("R", Delivery, Notification)
 
 

@@ -1,19 +1,23 @@
 """Pull requests' states and moves in the database (the network half is service.dicomnet.pulls).
 
-queued -> running -> done (moved N) | not_found | failed (a reason). Claims are compare-and-sets, so
-listener replicas side by side run each pull once; a running pull whose runner died (its lease passed)
-is queued again.
+    queued ──claim──▶ running ──▶ done (moved N) | not_found | failed (a reason)
+                        └──claim (its runner died: the lease passed)──┘ running again
+
+Every move goes through :data:`MACHINE` (service.core.outbox's compare-and-set), so listener replicas
+side by side run each pull once; a running pull whose runner died (its lease passed) is claimed again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.models import Pull
+from service.core.outbox import StateMachine
 
 
 class PullStatus(StrEnum):
@@ -22,6 +26,18 @@ class PullStatus(StrEnum):
     DONE = "done"
     NOT_FOUND = "not_found"
     FAILED = "failed"
+
+
+S = PullStatus
+# The only moves there are: target -> the states it may be reached from. A running pull is claimed
+# again (running -> running) only once its lease has passed; a finished one never moves.
+ALLOWED_FROM: Mapping[PullStatus, frozenset[PullStatus]] = {
+    S.RUNNING: frozenset({S.QUEUED, S.RUNNING}),
+    S.DONE: frozenset({S.RUNNING}),
+    S.NOT_FOUND: frozenset({S.RUNNING}),
+    S.FAILED: frozenset({S.RUNNING}),
+}
+MACHINE = StateMachine(Pull, "pull", ALLOWED_FROM)
 
 
 def create(session: Session, requested_by: str, *, study_uid: str | None, accession: str | None) -> Pull:
@@ -51,17 +67,19 @@ def claim_next(session: Session, now: datetime, lease: timedelta) -> Pull | None
     )
     if candidate is None:
         return None
-    claimed: CursorResult[object] = session.execute(  # type: ignore[assignment]
-        update(Pull)
-        .where(Pull.id == candidate.id, Pull.status == candidate.status)
-        .where(
-            Pull.started_at.is_(None)
-            if candidate.started_at is None
-            else Pull.started_at == candidate.started_at
-        )
-        .values(status=PullStatus.RUNNING, started_at=now)
+    # The row as read: another replica's claim changes its status or its start.
+    unchanged = (
+        Pull.started_at.is_(None) if candidate.started_at is None else Pull.started_at == candidate.started_at
     )
-    if claimed.rowcount == 0:
+    expected = [PullStatus(candidate.status)]
+    if not MACHINE.move(
+        session,
+        candidate.id,
+        PullStatus.RUNNING,
+        expected=expected,
+        only_if=unchanged,
+        values={"started_at": now},
+    ):
         return None  # another replica took it
     session.refresh(candidate)
     return candidate
@@ -76,16 +94,13 @@ def finish(
     moved: int = 0,
     failed: int = 0,
     detail: str | None = None,
-) -> None:
-    session.execute(
-        update(Pull)
-        .where(Pull.id == pull_id, Pull.status == PullStatus.RUNNING)
-        .values(
-            status=status,
-            studies_found=found,
-            instances_moved=moved,
-            instances_failed=failed,
-            detail=detail,
-            finished_at=datetime.now(UTC),
-        )
-    )
+) -> bool:
+    """Move a running pull to its final ``status`` with its counts; True if it moved."""
+    values = {
+        "studies_found": found,
+        "instances_moved": moved,
+        "instances_failed": failed,
+        "detail": detail,
+        "finished_at": datetime.now(UTC),
+    }
+    return MACHINE.move(session, pull_id, status, expected=[PullStatus.RUNNING], values=values)
