@@ -4,7 +4,7 @@ outputs, and the result the job records. The study's outcome is a result or a co
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from worker.outputs import (
     image_outputs,
     not_analysed_output,
 )
-from worker.priority import image_priority, mark_priority
+from worker.priority import image_priority
 from worker.regions import Region, finding_region
 from worker.runtime import Runtime
 from worker.site import image_inputs, run_candidates, sync_live_bundle, with_site_thresholds
@@ -78,8 +78,8 @@ def analyse(rows: list[tuple[str, Path]], study_uid: str, job_id: str, rt: Runti
     ):
         image = _image_result(bundle, src, display, scores, cams, n, job_id, notes)
         entry = _image_json(image, calibrated=study.algorithm.calibrated)
+        image = replace(image, priority=image_priority(rt.settings.notify_rules, entry, result["bundle"]))
         built = _image_outputs(image, n, study, wanted, job_id, notes)
-        mark_priority(built, image_priority(rt.settings.notify_rules, entry, result["bundle"]))
         outputs.extend(built)
         result["images"].append(entry)
     result["gate"] = admission.reasons

@@ -136,6 +136,8 @@ class ImageResult:
     findings: list[FindingResult]
     heatmaps: dict[str, NDArray[np.float32]]
     regions: list[Region]
+    # The worklist priority hint of the urgency rules that fire on it (worker.priority), None if none.
+    priority: str | None = None
 
 
 def image_outputs(
@@ -172,7 +174,9 @@ def image_outputs(
 def _builders(image: ImageResult) -> dict[OutputKind, Callable[[OutputContext], Dataset]]:
     src, findings, regions = image.src, image.findings, image.regions
     return {
-        OutputKind.SR: lambda ctx: build_findings_sr(src, findings, ctx, regions=regions),
+        OutputKind.SR: lambda ctx: build_findings_sr(
+            src, findings, ctx, regions=regions, priority=image.priority
+        ),
         OutputKind.REPORT: lambda ctx: build_results_sr(src, findings, ctx),
         OutputKind.SC: lambda ctx: build_heatmap_sc(
             src, image.display.pixels, image.heatmaps, findings, regions, ctx

@@ -1,6 +1,6 @@
 """The worklist priority hint of a findings SR: when an urgency rule (service.notify.rules) fired on the
-image, the TID 1500 "Qualitative Evaluations" container (UMLS C0034375, whose rows take CODE items of
-any concept) gets one more item a RIS can map:
+image, build_findings_sr (worker.dicom.sr) puts one more item a RIS can map into the TID 1500
+"Qualitative Evaluations" container (UMLS C0034375, whose rows take CODE items of any concept):
 
     CODE (260870009, SCT, "Priority") = a CID 3414 "Procedure Urgency" code:
         stat -> (25876001, SCT, "Emergent Procedure")
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from copy import deepcopy
 
-from highdicom.sr import CodeContentItem, CodedConcept, ContainerContentItem, RelationshipTypeValues
+from highdicom.sr import CodeContentItem, CodedConcept, RelationshipTypeValues
 from pydicom import Dataset
-from pydicom.sequence import Sequence
 
 PRIORITY = CodedConcept(value="260870009", scheme_designator="SCT", meaning="Priority")
 URGENCY = {
@@ -24,28 +23,15 @@ URGENCY = {
     "asap": CodedConcept(value="103391001", scheme_designator="SCT", meaning="Urgent Procedure"),
     "routine": CodedConcept(value="103390000", scheme_designator="SCT", meaning="Elective Procedure"),
 }
-_QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS")
 
 
-def add_priority(sr: Dataset, priority: str) -> Dataset:
-    """Put the priority item into the SR's Qualitative Evaluations container (made if absent)."""
-    item = CodeContentItem(
+def priority_item(priority: str) -> CodeContentItem:
+    """The Qualitative Evaluations row for ``priority`` (stat, asap or routine)."""
+    return CodeContentItem(
         name=deepcopy(PRIORITY),
         value=deepcopy(URGENCY[priority]),
         relationship_type=RelationshipTypeValues.CONTAINS,
     )
-    for child in sr.get("ContentSequence", []):
-        name = child.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in child else None
-        if name is not None and (name.CodeValue, name.CodingSchemeDesignator) == _QUALITATIVE_EVALUATIONS:
-            child.setdefault("ContentSequence", Sequence()).value.append(item)
-            return sr
-    container = ContainerContentItem(
-        name=CodedConcept(*_QUALITATIVE_EVALUATIONS, meaning="Qualitative Evaluations"),
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    )
-    container.ContentSequence = Sequence([item])
-    sr.ContentSequence.append(container)
-    return sr
 
 
 def read_priority(sr: Dataset) -> str | None:

@@ -80,6 +80,7 @@ from worker.dicom.codes import (
     finding_code,
     value_concept,
 )
+from worker.dicom.priority import priority_item
 from worker.dicom.source import fill_empty_type2, require_analysed, source_header
 from worker.dicom.uids import derive_uid
 from worker.regions import Region
@@ -220,11 +221,13 @@ def build_findings_sr(
     ctx: OutputContext,
     *,
     regions: Sequence[Region] = (),
+    priority: str | None = None,
 ) -> pydicom.Dataset:
     """The measurement report for one analysed image: a localised group per present finding.
 
     ``regions`` lie on ``source``, one per label at most. A present finding without a region gets no
     group (a group without an image region breaks viewers); the results report still lists it.
+    ``priority``: the worklist priority hint of the urgency rules that fired (worker.dicom.priority).
     """
     _check_findings(findings)
     by_label = _regions_by_label(findings, regions)
@@ -256,7 +259,10 @@ def build_findings_sr(
     content.append(_image_library([image]))
     if groups:
         content.append(_imaging_measurements(groups))
-    content.append(_findings_summary(findings, by_label, algorithm))
+    summary = _findings_summary(findings, by_label, algorithm)
+    if priority is not None:
+        summary.ContentSequence.append(priority_item(priority))
+    content.append(summary)
     root = ContainerContentItem(name=deepcopy(codes.cid7021.ImagingMeasurementReport), template_id="1500")
     root.ContentSequence = content
     description = series_description(f"{algorithm.name} findings")

@@ -19,6 +19,7 @@ from tests.support.outputs import ALGORITHM, context, save
 from tests.support.paths import CHEST_DICOM, SR_DICOM
 from tests.support.peers import tool
 from worker.dicom.codes import AI_DISCLAIMER, FINDING_CODES, NIH_LABELS, display_name
+from worker.dicom.priority import read_priority
 from worker.dicom.sr import (
     AlgorithmInfo,
     FindingResult,
@@ -62,6 +63,7 @@ def _build(
     *,
     regions: list[Region] | None = None,
     algorithm: AlgorithmInfo = ALGORITHM,
+    priority: str | None = None,
 ) -> pydicom.Dataset:
     findings = findings or _findings()
     return build_findings_sr(
@@ -69,6 +71,7 @@ def _build(
         findings,
         context(source, OutputKind.SR, algorithm),
         regions=_regions(source, findings) if regions is None else regions,
+        priority=priority,
     )
 
 
@@ -212,6 +215,26 @@ def test_reports_validate(shared_dir: Path, name: str, tmp_path: Path) -> None:
     dump = _dsrdump(path)
     assert dump.returncode == 0, dump.stderr
     assert "E:" not in dump.stderr
+
+
+def test_priority_hint_is_a_qualitative_evaluation(
+    shared_dir: Path, cr_source: pydicom.Dataset, tmp_path: Path
+) -> None:
+    assert read_priority(_build(cr_source)) is None
+    path = save(_build(cr_source, priority="stat"), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    assert read_priority(ds) == "stat"
+    (evaluations,) = [
+        item
+        for item in ds.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"  # TID 1500 Qualitative Evaluations
+    ]
+    item = evaluations.ContentSequence[-1]
+    assert (item.ValueType, item.RelationshipType) == ("CODE", "CONTAINS")
+    name, value = item.ConceptNameCodeSequence[0], item.ConceptCodeSequence[0]
+    assert (name.CodeValue, name.CodingSchemeDesignator) == ("260870009", "SCT")
+    assert (value.CodeValue, value.CodeMeaning) == ("25876001", "Emergent Procedure")
 
 
 def test_no_present_finding_gives_a_report_without_groups(
