@@ -41,9 +41,9 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __name__ == "__main__":  # run as a script; imported (throughput_bench), the caller's path stands
+    sys.path.insert(0, str(REPO))
 
-from service.admin.latency import STAGES, job_times, percentile, stage_seconds  # noqa: E402
 from service.core.models import Job, Study  # noqa: E402
 from tests.support.dcmtk import storescu  # noqa: E402
 from tests.support.gateway import GatewayProcesses  # noqa: E402
@@ -196,6 +196,8 @@ def run_setup(
 
 
 def gateway_stages(url: str, released: dict[str, datetime]) -> dict[str, list[float]]:
+    from service.admin.latency import job_times, stage_seconds
+
     engine = create_engine(url)
     try:
         with Session(engine) as session:
@@ -214,6 +216,8 @@ def gateway_stages(url: str, released: dict[str, datetime]) -> dict[str, list[fl
 
 
 def report(result: dict[str, Any]) -> str:
+    from service.admin.latency import STAGES, percentile
+
     lines = [f"setup={result['setup']} studies={result['studies']} load={os.getloadavg()}"]
     lines.append(f"  {'stage':<30}{'n':>4}{'p50':>9}{'p95':>9}{'p99':>9}   span")
     described = {

@@ -21,7 +21,7 @@ from service.core.models import Delivery, DeliveryAttempt, Job
 from service.core.settings import AnyDestination, Settings
 from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus, Mode, ReasonCode
 from worker.outputs import Output
-from worker.senders import sender_for
+from worker.senders import batch_sender_for
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +99,50 @@ def attempt_claimed(
     delivery_id: int, claimed: Claim, settings: Settings, sessions: sessionmaker[Session]
 ) -> DeliveryStatus:
     """Make the claimed attempt and record its outcome."""
-    attempt, output_path, target = claimed
-    path = settings.output_dir / output_path
-    attempts = attempt + 1
+    (status,) = attempt_together([(delivery_id, claimed)], settings, sessions)
+    return status
+
+
+def attempt_together(
+    claims: list[tuple[int, Claim]], settings: Settings, sessions: sessionmaker[Session]
+) -> list[DeliveryStatus]:
+    """Make claimed attempts to one destination together (a study's outputs over one association) and
+    record each one's outcome."""
+    target = claims[0][1][2]
     started = datetime.now(UTC)
-    try:
-        if not path.is_file():
-            raise PermanentError(ReasonCode.SPOOL_FILE_MISSING, "output file missing")
-        sender_for(settings, target)(path)
-    except TransientError as exc:
-        return _retry_or_give_up(settings, sessions, delivery_id, target[0], _Outcome(attempts, started), exc)
-    except PermanentError as exc:
-        _record(sessions, delivery_id, _Outcome(attempts, started, DeliveryStatus.DEAD_LETTER, str(exc)))
-        log.error("delivery=%d to ae=%s dead-lettered reason=%s", delivery_id, target[0], exc.reason)
+    paths = [settings.output_dir / claimed[1] for _, claimed in claims]
+    present = [path for path in paths if path.is_file()]
+    sent = dict(zip(present, batch_sender_for(settings, target)(present), strict=True)) if present else {}
+    missing = PermanentError(ReasonCode.SPOOL_FILE_MISSING, "output file missing")
+    return [
+        _settle(
+            settings,
+            sessions,
+            delivery_id,
+            target[0],
+            _Outcome(claimed[0] + 1, started),
+            sent.get(path, missing),
+        )
+        for (delivery_id, claimed), path in zip(claims, paths, strict=True)
+    ]
+
+
+def _settle(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    delivery_id: int,
+    ae_title: str,
+    attempt: _Outcome,
+    error: TransientError | PermanentError | None,
+) -> DeliveryStatus:
+    if isinstance(error, TransientError):
+        return _retry_or_give_up(settings, sessions, delivery_id, ae_title, attempt, error)
+    if isinstance(error, PermanentError):
+        _record(sessions, delivery_id, replace(attempt, status=DeliveryStatus.DEAD_LETTER, error=str(error)))
+        log.error("delivery=%d to ae=%s dead-lettered reason=%s", delivery_id, ae_title, error.reason)
         return DeliveryStatus.DEAD_LETTER
-    _record(sessions, delivery_id, _Outcome(attempts, started, DeliveryStatus.DELIVERED))
-    log.info("delivery=%d to ae=%s delivered", delivery_id, target[0])
+    _record(sessions, delivery_id, attempt)
+    log.info("delivery=%d to ae=%s delivered", delivery_id, ae_title)
     return DeliveryStatus.DELIVERED
 
 

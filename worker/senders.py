@@ -1,6 +1,8 @@
 """One sender per destination type behind one interface: ``sender_for(settings, target)(path)`` sends a
-result file once, raising TransientError (retry) or PermanentError (dead letter). worker.delivery owns
-everything else about an attempt (claim, outcome, back-off), the same for every type."""
+result file once, raising TransientError (retry) or PermanentError (dead letter); ``batch_sender_for``
+sends several files to one destination together (one association for DICOM) with each file's outcome.
+worker.delivery owns everything else about an attempt (claim, outcome, back-off), the same for every
+type."""
 
 from __future__ import annotations
 
@@ -8,15 +10,17 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from service.core.errors import PermanentError
+from service.core.errors import PermanentError, TransientError
 from service.core.settings import Settings
 from service.core.status import ReasonCode
 from service.core.tls import client_context
-from service.dicomnet.scu import c_store
+from service.dicomnet.scu import c_store, c_store_many
 from service.dicomweb.config import DicomwebDestination
 from service.dicomweb.stow_client import stow_file
 
 Sender = Callable[[Path], None]
+# Each file's outcome: None when sent, else the error it met.
+BatchSender = Callable[[list[Path]], list[TransientError | PermanentError | None]]
 # A delivery row's destination as it was made: (AE title or DICOMweb name, host or URL, port).
 Target = tuple[str, str, int]
 
@@ -38,6 +42,26 @@ def sender_for(settings: Settings, target: Target) -> Sender:
         calling_ae_title=settings.sender_ae_title,
         tls_context=tls,
     )
+
+
+def batch_sender_for(settings: Settings, target: Target) -> BatchSender:
+    """How to send several files to ``target`` together: C-STORE over one association, else one by one."""
+    send = sender_for(settings, target)
+    if isinstance(send, partial) and send.func is c_store:
+        return partial(c_store_many, **send.keywords)
+    return partial(_one_by_one, send)
+
+
+def _one_by_one(send: Sender, paths: list[Path]) -> list[TransientError | PermanentError | None]:
+    outcomes: list[TransientError | PermanentError | None] = []
+    for path in paths:
+        try:
+            send(path)
+        except (TransientError, PermanentError) as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+    return outcomes
 
 
 def _gone(name: str, path: Path) -> None:

@@ -17,7 +17,7 @@ from service.core.models import Job
 from service.core.queue import enqueue
 from service.core.status import DeliveryStatus, ReasonCode
 from worker.claim import fail_job
-from worker.delivery import Claim, attempt_claimed, claim, deliver, wait_for_database
+from worker.delivery import Claim, attempt_together, claim, deliver, wait_for_database
 from worker.pipeline import process_study
 from worker.runtime import Runtime
 
@@ -42,26 +42,26 @@ def register_tasks(app: Celery, rt: Runtime) -> None:
         deliver(delivery_id, rt.settings, rt.sessions, attempt)
 
 
-def send_on_lanes(
-    rt: Runtime, ids: Iterable[int], attempt: int | None = None
-) -> list[Future[DeliveryStatus | None]]:
-    """Claim each delivery's next attempt here and make it on its destination's own thread (its lane):
-    the task returns at once, so a slow or refusing destination holds up neither the next study nor
-    another destination. A claimed attempt that never ends (this process died) is due again when its
-    lease runs out, and the listener sends it."""
-    futures = []
+def send_on_lanes(rt: Runtime, ids: Iterable[int]) -> list[Future[list[DeliveryStatus] | None]]:
+    """Claim each delivery's next attempt here and make them on their destination's own thread (its
+    lane), a destination's outputs together (one association): the task returns at once, so a slow or
+    refusing destination holds up neither the next study nor another destination. A claimed attempt
+    that never ends (this process died) is due again when its lease runs out, and the listener sends it.
+    """
+    by_target: dict[tuple[str, str, int], list[tuple[int, Claim]]] = {}
     for delivery_id in ids:
-        claimed = claim(delivery_id, rt.sessions, attempt)
+        claimed = claim(delivery_id, rt.sessions)
         if claimed is not None:
-            futures.append(rt.lane(claimed[2]).submit(_attempt, rt, delivery_id, claimed))
-    return futures
+            by_target.setdefault(claimed[2], []).append((delivery_id, claimed))
+    return [rt.lane(target).submit(_attempt, rt, claims) for target, claims in by_target.items()]
 
 
-def _attempt(rt: Runtime, delivery_id: int, claimed: Claim) -> DeliveryStatus | None:
+def _attempt(rt: Runtime, claims: list[tuple[int, Claim]]) -> list[DeliveryStatus] | None:
     try:
-        return attempt_claimed(delivery_id, claimed, rt.settings, rt.sessions)
+        return attempt_together(claims, rt.settings, rt.sessions)
     except Exception:  # nobody waits on the lane's future: say it here
-        log.exception("delivery=%d attempt crashed; due again when its lease ends", delivery_id)
+        ids = [delivery_id for delivery_id, _ in claims]
+        log.exception("deliveries=%s attempt crashed; due again when their lease ends", ids)
         return None
 
 

@@ -1,6 +1,7 @@
 """The gateway's one DICOM client (SCU): associations to a peer, C-ECHO and C-STORE.
 
-The worker sends its results with :func:`c_store`; the dashboard echoes peers with :func:`echo` and sends
+The worker sends its results with :func:`c_store_many` (a study's outputs to one peer over one
+association) or :func:`c_store`; the dashboard echoes peers with :func:`echo` and sends
 uploads to our own listener with :func:`store`. All three open the association the same way
 (:func:`associate`): the calling AE title, one timeout for ACSE, DIMSE and the network, TLS when the peer
 has it.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from service.core.settings import Settings
 from service.core.status import ReasonCode
 
 SUCCESS = 0x0000
+# PS3.4 Annex C: "Refused: SOP Class not supported", for a data set whose class the peer did not accept.
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 # Status categories from PS3.4 Annex B: 0xA7xx/0xB000-ish warnings are fine, 0xA7xx/0xC/0xA9 failures.
 _SUCCESS_OR_WARNING = {SUCCESS, 0xB000, 0xB006, 0xB007}
 
@@ -158,14 +161,45 @@ def store(
 
     Raises :class:`NoAssociation`, as rejected when the peer accepted none of the offered syntaxes.
     """
-    sop_class = str(ds.SOPClassUID)
-    syntaxes = list(dict.fromkeys([str(ds.file_meta.TransferSyntaxUID), *fallback]))
+    (status,) = store_many(
+        [ds], peer, calling_ae_title=calling_ae_title, timeout=timeout, tls=tls, fallback=fallback
+    )
+    return status
+
+
+def store_many(
+    datasets: Sequence[Dataset],
+    peer: Peer,
+    *,
+    calling_ae_title: str,
+    timeout: float,
+    tls: Callable[[], ssl.SSLContext] | None = None,
+    fallback: tuple[str, ...] = (ExplicitVRLittleEndian,),
+) -> list[int | None]:
+    """C-STORE each data set, in order, over one association (one set-up instead of one each); each one's
+    status (None: no response; SOP_CLASS_NOT_SUPPORTED: the peer took none of its contexts).
+
+    Raises :class:`NoAssociation`, as rejected when the peer accepted none of the offered contexts.
+    """
+    offered: dict[str, list[str]] = {}
+    for ds in datasets:
+        syntaxes = offered.setdefault(str(ds.SOPClassUID), [])
+        syntaxes.extend(s for s in (str(ds.file_meta.TransferSyntaxUID), *fallback) if s not in syntaxes)
     with associate(
-        peer, calling_ae_title=calling_ae_title, contexts=[(sop_class, syntaxes)], timeout=timeout, tls=tls
+        peer, calling_ae_title=calling_ae_title, contexts=offered.items(), timeout=timeout, tls=tls
     ) as assoc:
-        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        if not accepted & offered.keys():
             raise NoAssociation("no accepted presentation context", rejected=True)
-        return _status(assoc.send_c_store(ds))
+        statuses: list[int | None] = []
+        for ds in datasets:
+            if str(ds.SOPClassUID) not in accepted:
+                statuses.append(SOP_CLASS_NOT_SUPPORTED)
+            elif not assoc.is_established:  # the peer aborted after an earlier one: no response
+                statuses.append(None)
+            else:
+                statuses.append(_status(assoc.send_c_store(ds)))
+        return statuses
 
 
 def c_store(
@@ -183,9 +217,34 @@ def c_store(
     With ``tls_context`` the association runs over TLS. Offers the file's own syntax and both uncompressed
     ones, so a picky PACS still finds one it accepts.
     """
+    (error,) = c_store_many(
+        [path],
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        calling_ae_title=calling_ae_title,
+        timeout=timeout,
+        tls_context=tls_context,
+    )
+    if error is not None:
+        raise error
+
+
+def c_store_many(
+    paths: Sequence[Path],
+    *,
+    ae_title: str,
+    host: str,
+    port: int,
+    calling_ae_title: str,
+    timeout: float = 30,
+    tls_context: ssl.SSLContext | None = None,
+) -> list[TransientError | PermanentError | None]:
+    """Send files over one association, as :func:`c_store` sends one; each file's outcome: None when
+    stored, else the error it met (an association that could not be made fails every file alike)."""
     try:
-        code = store(
-            dcmread(path),
+        codes = store_many(
+            [dcmread(path) for path in paths],
             Peer(ae_title, host, port, tls=tls_context is not None),
             calling_ae_title=calling_ae_title,
             timeout=timeout,
@@ -194,12 +253,16 @@ def c_store(
         )
     except NoAssociation as exc:
         if exc.rejected:
-            raise PermanentError(ReasonCode.DELIVERY_REFUSED, exc.detail) from exc
-        raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, exc.detail) from exc
+            return [PermanentError(ReasonCode.DELIVERY_REFUSED, exc.detail)] * len(paths)
+        return [TransientError(ReasonCode.DELIVERY_UNREACHABLE, exc.detail)] * len(paths)
+    return [_judged(code) for code in codes]
+
+
+def _judged(code: int | None) -> TransientError | PermanentError | None:
     if code is None:
-        raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, "no C-STORE response")
+        return TransientError(ReasonCode.DELIVERY_UNREACHABLE, "no C-STORE response")
     if code in _SUCCESS_OR_WARNING:
-        return
+        return None
     if code & 0xFF00 == 0xA700:
-        raise TransientError(ReasonCode.DELIVERY_UNREACHABLE, f"peer out of resources 0x{code:04X}")
-    raise PermanentError(ReasonCode.DELIVERY_REFUSED, f"C-STORE status 0x{code:04X}")
+        return TransientError(ReasonCode.DELIVERY_UNREACHABLE, f"peer out of resources 0x{code:04X}")
+    return PermanentError(ReasonCode.DELIVERY_REFUSED, f"C-STORE status 0x{code:04X}")
