@@ -61,7 +61,7 @@ def migrate(ctx: click.Context) -> None:
 @click.pass_context
 def listener(ctx: click.Context) -> None:
     """Run the DICOM C-STORE listener and study assembler."""
-    from service.scp.server import run_listener
+    from service.listener_main import run_listener
 
     run_listener(_settings(ctx))
 

@@ -20,7 +20,7 @@ import pytest
 from pynetdicom.dsutils import encode
 
 from service.core.settings import Settings
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support import pdu as P
 from tests.support.hostile import chest_cr
 from tests.support.ingest import ingest_settings, running_listener, wait_for

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from service.core.models import Instance
 from service.core.status import JobStatus
 from service.dicomweb.stow import StoreReport, content_type, multipart_parts
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.ingest import (
     count,
     ingest_settings,

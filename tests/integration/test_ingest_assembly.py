@@ -14,7 +14,7 @@ from sqlalchemy import select
 from service.core.jobs import transition
 from service.core.models import JobEvent, Study
 from service.core.status import JobStatus
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.dcmtk import storescu
 from tests.support.ingest import (
     association,

@@ -20,8 +20,8 @@ from pynetdicom import _config
 from pynetdicom.dsutils import create_file_meta, encode
 
 from service.core.models import Instance, Job
+from service.listener_main import Listener
 from service.scp.intake import Outcome, Received
-from service.scp.server import Listener
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest import (
     CR_STORAGE,

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from service.core.models import Instance, InstanceConflict, Job
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.dcmtk import storescu
 from tests.support.ingest import (
     association,

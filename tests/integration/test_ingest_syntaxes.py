@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEG2000, JPEG2000Lossless, generate_uid
 
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.dcmtk import storescu
 from tests.support.ingest import ingest_settings, instances, running_listener
 from tests.support.peers import tool

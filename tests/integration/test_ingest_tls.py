@@ -20,7 +20,7 @@ from pydicom import dcmread
 from service.core.models import Instance
 from service.core.settings import Settings
 from service.core.tls import client_context, server_context
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest import Pki, count, ingest_settings, instances, make_pki, running_listener, scu
 from tests.support.net import free_port, wait_for_port

@@ -15,7 +15,7 @@ from service.core.db import migrate
 from service.core.models import Instance, Job, JobEvent
 from service.core.settings import Settings, load_settings
 from service.core.status import JobStatus
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest import running_listener
 from tests.support.net import free_port

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from service.core.db import make_session_factory, migrate
 from service.core.models import Instance, Job
 from service.core.settings import Settings, load_settings
-from service.scp.server import Listener
+from service.listener_main import Listener
 from tests.support.net import free_port
 from tests.support.peers import require_peer
 from tests.support.waiting import wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.core.settings import load_settings
-from service.scp.server import STALE_STAGING_SECONDS, _prepare_staging
+from service.listener_main import STALE_STAGING_SECONDS, _prepare_staging
 
 
 def test_staging_is_per_process_and_sweeps_only_stale_files(

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from service.core.settings import load_settings
-from service.scp.server import _prepare_staging
+from service.listener_main import _prepare_staging
 
 
 def test_a_second_listener_keeps_the_first_ones_staging_folder(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""The DICOM listener process: a pynetdicom AE (plain and/or TLS port) plus the study assembler."""
+"""The listener process (`cxr-gateway listener`): what it serves and runs, wired together here so that
+its rooms need not know each other. The DICOM AE (service.scp) and the STOW-RS intake
+(service.dicomweb, which stores through the listener's intake) on their ports; the study assembler;
+and the threads that need no model: the reconciler, the notification scheduler, the pull runner, the
+retention purger."""
 
 from __future__ import annotations
 
@@ -15,22 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,6 +32,7 @@ from service.core.tls import server_context
 from service.dicomnet.pulls import PullRunner
 from service.dicomweb.stow_server import StowIntake, StowServer
 from service.notify.dispatch import Scheduler as NotifyScheduler
+from service.scp.ae import build_ae
 from service.scp.assembler import StudyAssembler
 from service.scp.backpressure import BackPressure
 from service.scp.handlers import (
@@ -58,45 +48,6 @@ from service.scp.peers import PeerPolicy
 from service.scp.transport import GatewayAssociationServer
 
 log = logging.getLogger(__name__)
-
-VERIFICATION = UID("1.2.840.10008.1.1")
-
-# Every storage SOP class: a PACS routing a whole study (SR, presentation states, key objects …) must not
-# see failures for the objects we do not analyse; the worker's gate marks those jobs skipped.
-STORAGE_SOP_CLASSES = tuple(UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts)
-
-TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
-
-
-def build_ae(settings: Settings, policy: PeerPolicy | None = None) -> AE:
-    ae = AE(ae_title=settings.listener_ae_title)
-    ae.maximum_associations = settings.max_associations
-    # Advertised in the A-ASSOCIATE-AC; the PDU guard (service.scp.pduguard) holds peers to it.
-    ae.maximum_pdu_size = settings.listener_max_pdu_bytes
-    ae.network_timeout = settings.listener_network_timeout
-    ae.acse_timeout = settings.listener_acse_timeout
-    ae.dimse_timeout = settings.listener_dimse_timeout
-    ae.require_called_aet = True
-    if policy is not None and not policy.open:
-        # pynetdicom's own check of the calling AE title, beside ours (which adds the address).
-        ae.require_calling_aet = policy.ae_titles
-    ae.add_supported_context(VERIFICATION)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-    return ae
 
 
 class Listener:
@@ -137,8 +88,6 @@ class Listener:
         # Stream each C-STORE's data set to a file instead of memory (an instance can be hundreds of MB).
         # A process-wide pynetdicom switch; this process only receives through the listener.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        if self.policy.open:
-            log.warning("CXR_SOURCES is empty: any peer that knows our AE title may send")
         ae = build_ae(self.settings, self.policy)
         end = make_association_end_handler(self.studies, self.assembler.touch)
         # A normal release says the sender is done: its studies go after the short release grace.
