@@ -5,6 +5,8 @@ change audited."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -120,6 +122,26 @@ def _revert(session: Session, ctx: Context, to_version: int | None, who: Princip
     return row.id
 
 
+@contextmanager
+def _refused(session: Session, *errors: type[Exception]) -> Iterator[None]:
+    """A site-loop action the rules refuse: nothing of it is kept, and the API answers 422."""
+    try:
+        yield
+    except errors as exc:
+        session.rollback()
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+@contextmanager
+def _flashed(request: Request, session: Session, failed: str, *errors: type[Exception]) -> Iterator[None]:
+    """The same refusal from a form: nothing kept, ``failed: <why>`` shown on the next page."""
+    try:
+        yield
+    except errors as exc:
+        session.rollback()
+        flash(request, "error", f"{failed}: {exc}")
+
+
 @router.get("/api/operating-points", tags=["site"])
 def api_points(session: DB, ctx: Ctx, user: User) -> dict[str, Any]:
     """The thresholds jobs run with now (the site's over the live bundle's) and every earlier version."""
@@ -129,22 +151,16 @@ def api_points(session: DB, ctx: Ctx, user: User) -> dict[str, Any]:
 @router.post("/api/operating-points", tags=["site"], status_code=201)
 def api_set_points(body: ThresholdsIn, session: DB, ctx: Ctx, who: Admin, client: Client) -> dict[str, Any]:
     """A new version: thresholds by value, or one finding's from the labelled studies (admins)."""
-    try:
+    with _refused(session, OperatingPointError):
         _set(session, ctx, body, who, client)
-    except OperatingPointError as exc:
-        session.rollback()
-        raise HTTPException(status_code=422, detail=str(exc)) from None
     return _points(session, ctx)
 
 
 @router.post("/api/operating-points/revert", tags=["site"], status_code=201)
 def api_revert_points(body: RevertIn, session: DB, ctx: Ctx, who: Admin, client: Client) -> dict[str, Any]:
     """A new version equal to an earlier one, or to the bundle's own thresholds (admins)."""
-    try:
+    with _refused(session, OperatingPointError):
         _revert(session, ctx, body.to_version, who, client)
-    except OperatingPointError as exc:
-        session.rollback()
-        raise HTTPException(status_code=422, detail=str(exc)) from None
     return _points(session, ctx)
 
 
@@ -153,7 +169,10 @@ def points_page(request: Request, session: DB, ctx: Ctx, user: User) -> HTMLResp
     data = _points(session, ctx)
     model = bundles.live_findings(session, ctx.settings.model_bundle)
     cases = labelled_cases(session, bundle_version=model.version)
-    figures = {f: finding_figures(f, cases, data["thresholds"].get(f), resamples=COMPARE_RESAMPLES) for f in model.labels}
+    figures = {
+        f: finding_figures(f, cases, data["thresholds"].get(f), resamples=COMPARE_RESAMPLES)
+        for f in model.labels
+    }
     return render(request, "site_points.html", {"p": data, "labels": model.labels, "figures": figures})
 
 
@@ -168,7 +187,7 @@ def points_form(
     how: Annotated[str, Form(max_length=16)],
     value: Annotated[float, Form(ge=0.0, le=1.0)],
 ) -> Response:
-    try:
+    with _flashed(request, session, "Not changed", OperatingPointError, ValueError):
         body = (
             ThresholdsIn(thresholds={finding: value})
             if how == "value"
@@ -176,9 +195,6 @@ def points_form(
         )
         version = _set(session, ctx, body, who, client)
         flash(request, "ok", f"Operating points version {version} is active.")
-    except (OperatingPointError, ValueError) as exc:
-        session.rollback()
-        flash(request, "error", f"Not changed: {exc}")
     return RedirectResponse("/operating-points", status_code=303)
 
 
@@ -191,12 +207,9 @@ def points_revert_form(
     client: Client,
     to_version: Annotated[str, Form(max_length=12)] = "",
 ) -> Response:
-    try:
+    with _flashed(request, session, "Not reverted", OperatingPointError, ValueError):
         version = _revert(session, ctx, int(to_version) if to_version else None, who, client)
         flash(request, "ok", f"Operating points version {version} is active.")
-    except (OperatingPointError, ValueError) as exc:
-        session.rollback()
-        flash(request, "error", f"Not reverted: {exc}")
     return RedirectResponse("/operating-points", status_code=303)
 
 
@@ -292,22 +305,16 @@ def api_bundles(session: DB, ctx: Ctx, user: User) -> dict[str, Any]:
 @router.post("/api/bundles", tags=["site"], status_code=201)
 def api_register_bundle(body: BundleIn, session: DB, ctx: Ctx, who: Admin, client: Client) -> dict[str, Any]:
     """Register a bundle as a candidate: from the next job it runs in shadow beside the live one (admins)."""
-    try:
+    with _refused(session, bundles.RegistryError):
         version = _register(session, ctx, body.path, who, client)
-    except bundles.RegistryError as exc:
-        session.rollback()
-        raise HTTPException(status_code=422, detail=str(exc)) from None
     return {"version": version, "status": bundles.BundleStatus.CANDIDATE}
 
 
 @router.post("/api/bundles/{version}/promote", tags=["site"])
 def api_promote_bundle(version: str, session: DB, who: Admin, client: Client) -> dict[str, Any]:
     """Make a candidate live, or roll back to a retired bundle; the live one retires (admins)."""
-    try:
+    with _refused(session, bundles.RegistryError):
         replaced = _promote(session, version, who, client)
-    except bundles.RegistryError as exc:
-        session.rollback()
-        raise HTTPException(status_code=422, detail=str(exc)) from None
     return {"live": version, "retired": replaced}
 
 
@@ -316,12 +323,9 @@ def api_bundle_status(
     version: str, body: StatusIn, session: DB, who: Admin, client: Client
 ) -> dict[str, Any]:
     """Retire a candidate, or make a retired bundle a candidate again (admins)."""
-    try:
+    with _refused(session, bundles.RegistryError):
         bundles.set_status(session, version, body.status)
         _audit_bundle(session, who, "bundle_status", version, client, status=str(body.status))
-    except bundles.RegistryError as exc:
-        session.rollback()
-        raise HTTPException(status_code=422, detail=str(exc)) from None
     return {"version": version, "status": body.status}
 
 
@@ -339,25 +343,19 @@ def bundles_register_form(
     client: Client,
     path: Annotated[str, Form(max_length=1024)],
 ) -> Response:
-    try:
+    with _flashed(request, session, "Not registered", bundles.RegistryError):
         version = _register(session, ctx, path, who, client)
         flash(
             request, "ok", f"Bundle {version} registered as a candidate: it runs in shadow from the next job."
         )
-    except bundles.RegistryError as exc:
-        session.rollback()
-        flash(request, "error", f"Not registered: {exc}")
     return RedirectResponse("/bundles", status_code=303)
 
 
 @pages.post("/bundles/{version}/promote")
 def bundles_promote_form(request: Request, version: str, session: DB, who: Admin, client: Client) -> Response:
-    try:
+    with _flashed(request, session, "Not promoted", bundles.RegistryError):
         replaced = _promote(session, version, who, client)
         flash(request, "ok", f"Bundle {version} is live from the next job (replacing {replaced or 'none'}).")
-    except bundles.RegistryError as exc:
-        session.rollback()
-        flash(request, "error", f"Not promoted: {exc}")
     return RedirectResponse("/bundles", status_code=303)
 
 
@@ -445,7 +443,8 @@ def psi_svg(report: list[WeekDrift], warn_at: float, width: int = 760, height: i
             f"<title>{escape(item)}</title></polyline>"
         )
         parts.append(
-            f'<text x="{right + 6}" y="{upper + 12 * (k + 1)}" font-size="10" fill="{colour}">{escape(item)}</text>'
+            f'<text x="{right + 6}" y="{upper + 12 * (k + 1)}" font-size="10" fill="{colour}">'
+            f"{escape(item)}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)

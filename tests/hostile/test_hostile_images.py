@@ -14,12 +14,11 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from service.core.db import make_session_factory, migrate
 from service.core.models import Delivery, Job
-from service.core.settings import Destination, load_settings
 from service.core.status import JobStatus, ReasonCode
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.hostile import chest_cr, save, with_bomb
+from tests.support.runtime import worker_runtime
 from tests.support.studies import enqueue_files
 from worker.pipeline import process_study
 from worker.runtime import Runtime
@@ -27,14 +26,9 @@ from worker.runtime import Runtime
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    settings = load_settings(
-        data_dir=tmp_path / "data", destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=104)]
-    )
-    migrate(settings)
-    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
-    rt.predictor  # noqa: B018  (the model's memory is not the image's: load it before measuring)
-    yield rt
-    rt.close()
+    with worker_runtime(tmp_path / "data") as rt:
+        rt.predictor  # noqa: B018  (the model's memory is not the image's: load it before measuring)
+        yield rt
 
 
 def _run(rt: Runtime, path: Path) -> tuple[Job, str]:

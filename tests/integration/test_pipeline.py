@@ -15,6 +15,7 @@ from service.core.models import Delivery, Job, JobEvent
 from service.core.settings import Destination, load_settings
 from service.core.status import JobStatus, ReasonCode
 from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.runtime import worker_runtime
 from tests.support.studies import enqueue_files
 from worker.pipeline import process_study
 from worker.runtime import Runtime
@@ -22,13 +23,8 @@ from worker.runtime import Runtime
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    settings = load_settings(
-        data_dir=tmp_path, destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=104)]
-    )
-    migrate(settings)
-    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
-    yield rt
-    rt.close()  # the decoder processes
+    with worker_runtime(tmp_path) as rt:
+        yield rt
 
 
 def test_chest_study_gives_reports_sc_and_deliveries(runtime: Runtime, shared_dir: Path) -> None:

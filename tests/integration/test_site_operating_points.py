@@ -12,11 +12,10 @@ import pytest
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
-from service.core.db import make_session_factory, migrate
 from service.core.models import Delivery, Job
-from service.core.settings import Destination, load_settings
 from service.core.status import JobStatus
 from service.site import operating_points
+from tests.support.runtime import worker_runtime
 from tests.support.studies import enqueue_files
 from worker.dicom.codes import display_name
 from worker.pipeline import process_study
@@ -27,13 +26,8 @@ STUDY = "dicom/chest/sc-pa-jpeg-baseline.dcm"
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    settings = load_settings(
-        data_dir=tmp_path, destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=104)]
-    )
-    migrate(settings)
-    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
-    yield rt
-    rt.close()
+    with worker_runtime(tmp_path) as rt:
+        yield rt
 
 
 def _again(rt: Runtime, job_id: str) -> str:

@@ -28,11 +28,11 @@ from monai_train.config import TrainConfig
 from monai_train.data import Record, read_records, split_by_patient
 from monai_train.train import train_and_export
 from service.cli import main as cli
-from service.core.db import make_session_factory, migrate
 from service.core.models import Delivery, Job, JobResult, StudyExport
-from service.core.settings import DEFAULT_BUNDLE, Destination, load_settings
+from service.core.settings import DEFAULT_BUNDLE
 from service.site import bundles, labels
 from service.site.findings import bundle_findings
+from tests.support.runtime import worker_runtime
 from tests.support.studies import enqueue_files, with_fresh_uids
 from worker.pipeline import process_study
 from worker.runtime import Runtime
@@ -101,17 +101,10 @@ def _site_studies(nih: Path, out: Path) -> list[tuple[Path, str, str]]:
 
 @pytest.fixture
 def runtime(tmp_path: Path, live_bundle: Path) -> Iterator[Runtime]:
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        model_bundle=live_bundle,
-        inference_device="cpu",
-        torch_threads=1,
-        destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=104)],
-    )
-    migrate(settings)
-    rt = Runtime(settings=settings, sessions=make_session_factory(settings))
-    yield rt
-    rt.close()
+    with worker_runtime(
+        tmp_path / "data", model_bundle=live_bundle, inference_device="cpu", torch_threads=1
+    ) as rt:
+        yield rt
 
 
 def _run(rt: Runtime, path: Path) -> str:

@@ -38,11 +38,16 @@ def user_list() -> list[dict[str, str]]:
     return users()  # argon2 hashing once per session
 
 
-@pytest.fixture
-def settings(tmp_path: Path, user_list: list[dict[str, str]]) -> Settings:
-    s = load_settings(data_dir=tmp_path, dashboard_users=user_list, broker_url=None, database_url=None)
+def dashboard_settings(data_dir: Path, user_list: list[dict[str, str]]) -> Settings:
+    """Settings of a dashboard with these accounts on a fresh SQLite database under ``data_dir``."""
+    s = load_settings(data_dir=data_dir, dashboard_users=user_list, broker_url=None, database_url=None)
     migrate(s)
     return s
+
+
+@pytest.fixture
+def settings(tmp_path: Path, user_list: list[dict[str, str]]) -> Settings:
+    return dashboard_settings(tmp_path, user_list)
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.admin.app import create_app
-from service.core.db import make_session_factory, migrate
+from service.core.db import make_session_factory
 from service.core.models import Job, Study
-from service.core.settings import Settings, load_settings
+from service.core.settings import Settings
 from service.core.status import JobStatus
 from service.site.findings import ModelFindings, bundle_findings
-from tests.unit.admin.conftest import ADMIN, T0, VIEWER, login, make_job
+from tests.unit.admin.conftest import ADMIN, T0, VIEWER, dashboard_settings, login, make_job
 
 READER = ("rita", "rita-secret-pw")
 USERS = [
@@ -31,9 +31,7 @@ USERS = [
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = load_settings(data_dir=tmp_path, dashboard_users=USERS, broker_url=None, database_url=None)
-    migrate(s)
-    return s
+    return dashboard_settings(tmp_path, USERS)
 
 
 @pytest.fixture
