@@ -22,14 +22,29 @@ from service.notify.config import NotifyRule, check_notify_config
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "cxr14_densenet121"
 
 
-class Destination(BaseModel):
-    """A DICOM peer that receives results by C-STORE."""
+class AeTitled(BaseModel):
+    """A DICOM peer's AE title (1-16 characters, no backslash, blanks stripped)."""
 
     ae_title: str = Field(min_length=1, max_length=16)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
+class DicomPeer(AeTitled):
+    """A DICOM peer we open associations to: its AE title, address and port, TLS or not."""
+
     host: str
     port: int = Field(ge=1, le=65535)
-    # C-STORE over TLS (contexts from ``service.core.tls.client_context``): BCP 195, TLS >= 1.2.
+    # Over TLS (contexts from ``service.core.tls.client_context``): BCP 195, TLS >= 1.2.
     tls: bool = False
+
+
+class Destination(DicomPeer):
+    """A DICOM peer that receives results by C-STORE."""
+
     # The result objects this peer receives, e.g. ["sr", "report", "sc", "gsps"] (a GSPS is built only
     # for destinations that list it).
     outputs: Outputs = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
@@ -37,11 +52,6 @@ class Destination(BaseModel):
     type: Literal["dimse"] = "dimse"
     # live: results are sent; shadow: kept on the gateway only. Unset: the global CXR_MODE.
     mode: Mode | None = None
-
-    @field_validator("ae_title")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        return _check_ae_title(v)
 
 
 def _destination_type(v: Any) -> str:
@@ -62,31 +72,17 @@ def _check_ae_title(v: str) -> str:
     return v
 
 
-class Source(BaseModel):
+class Source(AeTitled):
     """A DICOM peer allowed to send to the listener: its calling AE title AND its network address."""
 
-    ae_title: str = Field(min_length=1, max_length=16)
     # An IP address, a CIDR network ("10.1.2.0/24") or a host name resolved when the listener starts.
     host: str = Field(min_length=1)
 
-    @field_validator("ae_title")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        return _check_ae_title(v)
 
-
-class QueryRetrievePeer(BaseModel):
+class QueryRetrievePeer(DicomPeer):
     """The PACS asked for studies to pull: Study Root Q/R (C-FIND, C-MOVE) at this AE and address."""
 
-    ae_title: str = Field(min_length=1, max_length=16)
     host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    tls: bool = False
-
-    @field_validator("ae_title")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        return _check_ae_title(v)
 
 
 class DashboardUser(BaseModel):
