@@ -28,14 +28,12 @@ class PullStatus(StrEnum):
     FAILED = "failed"
 
 
-S = PullStatus
+FINAL = frozenset({PullStatus.DONE, PullStatus.NOT_FOUND, PullStatus.FAILED})
 # The only moves there are: target -> the states it may be reached from. A running pull is claimed
 # again (running -> running) only once its lease has passed; a finished one never moves.
 ALLOWED_FROM: Mapping[PullStatus, frozenset[PullStatus]] = {
-    S.RUNNING: frozenset({S.QUEUED, S.RUNNING}),
-    S.DONE: frozenset({S.RUNNING}),
-    S.NOT_FOUND: frozenset({S.RUNNING}),
-    S.FAILED: frozenset({S.RUNNING}),
+    PullStatus.RUNNING: frozenset({PullStatus.QUEUED, PullStatus.RUNNING}),
+    **{final: frozenset({PullStatus.RUNNING}) for final in FINAL},
 }
 MACHINE = StateMachine(Pull, "pull", ALLOWED_FROM)
 
