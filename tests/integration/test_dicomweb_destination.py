@@ -18,14 +18,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import make_session_factory, migrate
 from service.core.deliveries import transition
-from service.core.models import Delivery, Job, Study
+from service.core.models import Delivery
 from service.core.settings import Settings, load_settings
 from service.core.status import DeliveryStatus
 from tests.support.dcmtk import storescu
-from tests.support.gateway import GatewayProcesses
+from tests.support.gateway import GatewayProcesses, first_job_delivered
 from tests.support.net import free_port
 from tests.support.orthanc import OrthancServer
 from tests.support.peers import require_peer
+from tests.support.rows import add_job
 from worker.delivery import deliver
 from worker.dicom.priority import read_priority
 
@@ -73,11 +74,7 @@ def _delivery(settings: Settings, sessions: sessionmaker[Session], source: Path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(source.read_bytes())
     with sessions.begin() as s:
-        study = Study(study_instance_uid=str(dcmread(source, stop_before_pixels=True).StudyInstanceUID))
-        s.add(study)
-        s.flush()
-        s.add(Job(id="j" * 32, study_id=study.id))
-        s.flush()
+        add_job(s, str(dcmread(source, stop_before_pixels=True).StudyInstanceUID), id="j" * 32)
         row = Delivery(
             job_id="j" * 32,
             ae_title=dest.ae_title,
@@ -174,14 +171,7 @@ def test_a_study_through_serve_reaches_orthanc_by_stow_rs(tmp_path: Path, shared
         with GatewayProcesses(tmp_path / "gw", commands=["serve"], destinations=destinations, env=env) as gw:
             sent = storescu("127.0.0.1", gw.listener_port, [shared_dir / CR], called_aet=gw.ae_title)
             assert sent.returncode == 0, sent.stderr
-            done = gw.wait_for_jobs(
-                lambda js: (
-                    js
-                    and js[0]["deliveries"]
-                    and all(d["status"] == "delivered" for d in js[0]["deliveries"])
-                ),
-                timeout=300,
-            )
+            done = gw.wait_for_jobs(first_job_delivered, timeout=300)
             assert done[0]["status"] == "done", gw.log_tail()
             assert {d["ae_title"] for d in done[0]["deliveries"]} == {"ORTHANC_WEB"}
         study_uid = str(dcmread(shared_dir / CR, stop_before_pixels=True).StudyInstanceUID)

@@ -19,7 +19,7 @@ from pynetdicom.dsutils import create_file_meta, encode
 
 from service.core.settings import Source
 from tests.support.dcmtk import echoscu, storescu
-from tests.support.gateway import GatewayProcesses
+from tests.support.gateway import GatewayProcesses, first_job_delivered
 from tests.support.ingest import (
     CR_STORAGE,
     EXPLICIT_LE,
@@ -160,14 +160,7 @@ def serve_logs(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> li
         with GatewayProcesses(tmp_path / "gw", commands=["serve"], destinations=destinations) as gw:
             sent = storescu("127.0.0.1", gw.listener_port, [path], called_aet=gw.ae_title)
             assert sent.returncode == 0, sent.stderr
-            done = gw.wait_for_jobs(
-                lambda js: (
-                    js
-                    and js[0]["deliveries"]
-                    and all(d["status"] == "delivered" for d in js[0]["deliveries"])
-                ),
-                timeout=240,
-            )
+            done = gw.wait_for_jobs(first_job_delivered, timeout=240)
             assert done[0]["status"] == "done", gw.log_tail()
             orthanc.wait_for_instances(2, timeout=60)  # the SR and the heatmap SC
             logs = gw.log_text()

@@ -24,6 +24,7 @@ from service.listener_main import Listener
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest import Pki, count, ingest_settings, instances, make_pki, running_listener, scu
 from tests.support.net import free_port, wait_for_port
+from tests.support.rows import add_job
 
 CR = "dicom/chest/cr-pa-mono1-explicit-le.dcm"
 
@@ -264,7 +265,7 @@ def test_worker_delivery_sends_over_tls_to_a_tls_destination(
 ) -> None:
     """The delivery path (worker.delivery.deliver) honours Destination.tls with mutual auth."""
     from service.core.db import make_session_factory, migrate
-    from service.core.models import Delivery, Job, Study
+    from service.core.models import Delivery
     from service.core.settings import Destination
     from service.core.status import DeliveryStatus
     from worker.delivery import deliver
@@ -286,11 +287,7 @@ def test_worker_delivery_sends_over_tls_to_a_tls_destination(
         out.parent.mkdir(parents=True)
         out.write_bytes((shared_dir / CR).read_bytes())
         with sessions.begin() as s:
-            study = Study(study_instance_uid="1.2.3.4")
-            s.add(study)
-            s.flush()
-            s.add(Job(id="j" * 32, study_id=study.id))
-            s.flush()
+            add_job(s, "1.2.3.4", id="j" * 32)
             d = Delivery(
                 job_id="j" * 32,
                 ae_title="CXR_GATEWAY",

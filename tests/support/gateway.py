@@ -21,6 +21,13 @@ from tests.support.waiting import wait_until
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def first_job_delivered(jobs: list[dict[str, Any]]) -> bool:
+    """For ``wait_for_jobs``: the newest job has deliveries and every one of them is delivered."""
+    return bool(
+        jobs and jobs[0]["deliveries"] and all(d["status"] == "delivered" for d in jobs[0]["deliveries"])
+    )
+
+
 class GatewayProcesses:
     """One or more ``cxr-gateway`` sub-commands sharing one environment (``serve`` or the parts)."""
 
