@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 from pydicom import dcmread
@@ -48,11 +48,10 @@ from service.core.models import Job, Study  # noqa: E402
 from tests.support.dcmtk import storescu  # noqa: E402
 from tests.support.gateway import GatewayProcesses  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.redis_db import claimed_db, lock_client  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "dicom" / "chest" / "cr-pa-mono1-explicit-le.dcm"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-REDIS_DBS, REDIS_LOCK_DB = range(5, 15), 15  # the test suite's claim protocol (tests/conftest.py)
 POLL_SECONDS = 0.02
 # The default outputs of a one-image study: measurement SR, results report SR, heatmap SC.
 OUTPUTS = 3
@@ -92,20 +91,17 @@ def private_postgres() -> Iterator[str]:
 
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
-    import redis
+    """A Redis DB of our own under the test suite's claim protocol (tests/support/redis_db)."""
 
-    lock = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_LOCK_DB, socket_connect_timeout=5)
-    token = f"bench-{os.getpid()}-{secrets.token_hex(4)}"
-    db = next((n for n in REDIS_DBS if lock.set(f"cxr-test:redis-db:{n}", token, nx=True, ex=3600)), None)
-    if db is None:
-        raise SystemExit(f"every Redis DB in {REDIS_DBS} is claimed")
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    def busy(message: str) -> NoReturn:
+        raise SystemExit(message)
+
+    lock = lock_client()
     try:
-        client.flushdb()
-        yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+        with claimed_db(lock, busy, token_prefix="bench-") as url:
+            yield url
     finally:
-        client.flushdb()
-        lock.delete(f"cxr-test:redis-db:{db}")
+        lock.close()
 
 
 def results_in_pacs(client: httpx.Client, study_uid: str) -> dict[str, int]:

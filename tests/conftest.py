@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.support.orthanc import OrthancServer  # noqa: E402
 from tests.support.peers import PEERS, in_ci, install_hint, missing_peers, require_peer, unavailable  # noqa: E402
+from tests.support.redis_db import REDIS_HOST, REDIS_PORT, claimed_db, lock_client  # noqa: E402
 
 __all__ = ["SHARED_DIR", "in_ci", "unavailable"]
 
@@ -34,12 +34,6 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 POSTGRES_ADMIN_URL = os.environ.get(
     "CXR_TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-REDIS_HOST = os.environ.get("CXR_TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("CXR_TEST_REDIS_PORT", "6379"))
-# Tests get a logical DB from this range; DB 15 only holds the claim keys, so concurrent pytest runs on
-# the same Redis (several engineers / CI jobs) never FLUSHDB each other's database.
-REDIS_TEST_DBS = range(5, 15)
-REDIS_LOCK_DB = 15
 
 
 # ---------------------------------------------------------------------------------------------- hooks
@@ -191,37 +185,13 @@ def redis_url() -> Iterator[str]:
     """An empty Redis logical DB (5..14) claimed for this test alone; FLUSHDB before and after."""
     import redis
 
-    lock = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_LOCK_DB, socket_connect_timeout=5)
+    lock = lock_client()
     try:
         lock.ping()
     except redis.RedisError as exc:
         unavailable(f"Redis not reachable at {REDIS_HOST}:{REDIS_PORT}: {exc}")
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    db: int | None = None
-    deadline = time.monotonic() + 60
-    while db is None:
-        candidates = list(REDIS_TEST_DBS)
-        secrets.SystemRandom().shuffle(candidates)
-        # The TTL frees a DB whose holder was killed before teardown.
-        db = next(
-            (n for n in candidates if lock.set(f"cxr-test:redis-db:{n}", token, nx=True, ex=3600)), None
-        )
-        if db is None:
-            if time.monotonic() > deadline:
-                pytest.fail(f"all Redis test DBs {REDIS_TEST_DBS} are claimed by other test runs")
-            time.sleep(0.2)
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
     try:
-        client.flushdb()
-        yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+        with claimed_db(lock, pytest.fail) as url:
+            yield url
     finally:
-        client.flushdb()
-        client.close()
-        # Release only our own claim (compare-and-delete, atomic on the server).
-        lock.eval(
-            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
-            1,
-            f"cxr-test:redis-db:{db}",
-            token,
-        )
         lock.close()
