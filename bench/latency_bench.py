@@ -15,6 +15,8 @@ shows): quiet (released -> queued), broker (queued -> running), analysis (runnin
 
 ``--setup redis-pg``: the broker on the Redis at 127.0.0.1:6379 (a free logical DB, claimed as the test
 suite claims them) and the database a fresh one on the PostgreSQL at 127.0.0.1:5432, dropped afterwards.
+``--idle-cpu``: instead, the CPU the idle ``serve`` process tree spends (e.g. with
+``--env CXR_BROKER_POLL_SECONDS=1`` against the default 0.05).
 ``--code DIR``: run the gateway from another checkout (e.g. a ``git worktree`` of the previous commit).
 Lives outside ``tests/`` so pytest never collects it.
 """
@@ -48,7 +50,6 @@ from service.core.models import Job, Study  # noqa: E402
 from tests.support.dcmtk import storescu  # noqa: E402
 from tests.support.gateway import GatewayProcesses  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
-from tests.support.redis_db import claimed_db, lock_client  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "dicom" / "chest" / "cr-pa-mono1-explicit-le.dcm"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -92,6 +93,8 @@ def private_postgres() -> Iterator[str]:
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     """A Redis DB of our own under the test suite's claim protocol (tests/support/redis_db)."""
+    # Imported here: throughput_bench imports this module on older checkouts that lack it.
+    from tests.support.redis_db import claimed_db, lock_client
 
     def busy(message: str) -> NoReturn:
         raise SystemExit(message)
@@ -211,6 +214,43 @@ def gateway_stages(url: str, released: dict[str, datetime]) -> dict[str, list[fl
     return stages
 
 
+def idle_cpu(env: dict[str, str], workdir: Path, code: Path | None, seconds: float = 60) -> str:
+    """CPU the whole ``serve`` process tree spends idle (no studies), as a share of one core."""
+    extra = {**env, **({"PYTHONPATH": str(code)} if code is not None else {})}
+    gw = GatewayProcesses(workdir / "idle", env=extra)
+    for key in HARNESS_OVERRIDES:
+        if key not in env:
+            gw.env.pop(key, None)
+    with gw:
+        wait_for_worker(gw)
+        time.sleep(15)  # start-up (warm-up, migrations) over
+        root = gw.procs["serve"].pid
+        before, started = _tree_cpu(root), time.monotonic()
+        time.sleep(seconds)
+        share = (_tree_cpu(root) - before) / (time.monotonic() - started)
+    return f"idle serve tree, env={env}: {100 * share:.1f} % of one core over {seconds:.0f} s"
+
+
+def _tree_cpu(root: int) -> float:
+    """User + system CPU seconds of ``root`` and its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    tree, grew = {root}, True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= found
+        grew = bool(found)
+    total = 0
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def report(result: dict[str, Any]) -> str:
     from service.admin.latency import STAGES, percentile
 
@@ -238,9 +278,13 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the gateway")
     parser.add_argument("--json", type=Path, help="write the raw seconds here")
     parser.add_argument("--keep", type=Path, help="work dir to keep (logs, Orthanc, data)")
+    parser.add_argument("--idle-cpu", action="store_true", help="measure serve's idle CPU instead")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="cxr-latency-"))
+    if args.idle_cpu:
+        print(idle_cpu(env, workdir, args.code), flush=True)
+        return
     files = make_studies(args.studies, workdir / "studies")
     setups = ["embedded", "redis-pg"] if args.setup == "both" else [args.setup]
     results = []

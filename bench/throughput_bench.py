@@ -35,49 +35,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
-
 REPO = Path(__file__).resolve().parents[1]
-NIH = REPO.parent / "shared" / "data" / "nih-cxr14-dev" / "images"
 ROWS, COLUMNS = 2500, 2048
 OUTPUTS = 3  # measurement SR, results report SR, heatmap SC
 
 
 def make_studies(n: int, out: Path) -> list[Path]:
-    """``n`` one-image CR studies of ROWS x COLUMNS 12-bit pixels (NIH images, upscaled)."""
-    pngs = sorted(NIH.glob("*.png"))
-    if not pngs:
-        raise SystemExit(f"no NIH images under {NIH}")
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        path = out / f"cr-{i:04d}.dcm"
-        files.append(path)
-        if path.exists():
-            continue
-        with Image.open(pngs[i % len(pngs)]) as im:
-            grey = im.convert("L").resize((COLUMNS, ROWS), Image.Resampling.BILINEAR)
-        pixels = (np.asarray(grey, dtype=np.uint16) << 4) | (i & 0xF)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.PatientName, ds.PatientID = f"THROUGHPUT^{i:04d}", f"TP{i:05d}"
-        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20260101", "120000", f"TP{i:05d}"
-        ds.SeriesNumber, ds.InstanceNumber = 1, 1
-        ds.Rows, ds.Columns = ROWS, COLUMNS
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(path, enforce_file_format=True)
-    return files
+    """``n`` one-image CR studies of ROWS x COLUMNS 12-bit pixels (NIH images, upscaled); kept in ``out``
+    between runs, so every checkout gets the same files."""
+    from tests.support.site import make_studies as write
+
+    files = sorted(out.glob("TP-*.dcm"))[:n]
+    return files if len(files) == n else write(n, out, COLUMNS, "TP", rows=ROWS, source="nih-cxr14-dev")
 
 
 def _with_code(code: Path | None, argv: list[str]) -> dict[str, Any]:
@@ -173,7 +142,6 @@ def run_stages(files: list[Path], workdir: Path) -> dict[str, Any]:
     """Each stage of each study timed in this process (the first study warms up and is left out)."""
     from pydicom import dcmread
 
-    from service.dicomnet.scu import c_store
     from tests.support.orthanc import OrthancServer
     from worker.analysis import image_findings
     from worker.dicom.gate import check_header, check_size
@@ -189,6 +157,7 @@ def run_stages(files: list[Path], workdir: Path) -> dict[str, Any]:
         return value
 
     with OrthancServer(workdir=workdir / "orthanc") as pacs:
+        peer = {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "calling_ae_title": "B"}
         bundle = rt.bundle
         for n, path in enumerate([files[0], *files]):
             if n == 1:
@@ -212,19 +181,20 @@ def run_stages(files: list[Path], workdir: Path) -> dict[str, Any]:
             outputs = timed(
                 "SR+report+SC (built, written)", lambda i=image, st=study: image_outputs(i, 1, st, set())[0]
             )
-            for out in outputs:
-                timed(
-                    f"delivery {out.kind}",
-                    lambda o=out: c_store(
-                        o.path,
-                        ae_title=pacs.aet,
-                        host="127.0.0.1",
-                        port=pacs.dicom_port,
-                        calling_ae_title="BENCH",
-                    ),
-                )
+            timed("delivery (all outputs)", lambda o=outputs: _deliver([x.path for x in o], peer))
     rt.close()
     return {stage: round(statistics.median(v), 4) for stage, v in times.items()}
+
+
+def _deliver(paths: list[Path], peer: dict[str, Any]) -> None:
+    """As the checkout delivers a study's outputs: over one association when it can, else one each."""
+    from service.dicomnet import scu
+
+    if hasattr(scu, "c_store_many"):
+        assert not any(scu.c_store_many(paths, **peer))
+    else:
+        for path in paths:
+            scu.c_store(path, **peer)
 
 
 def _read_and_gate(path: Path, rt: Any, dcmread: Any, check_size: Any, check_header: Any) -> Any:
@@ -266,6 +236,8 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n = args.studies or {"serve": 500, "stages": 5, "profile": 1}[args.mode]
+    if not args.child:  # a child's imports come from its checkout (PYTHONPATH)
+        sys.path.insert(0, str(REPO))
     files = make_studies(n, args.files)
     if args.child:
         workdir = Path(tempfile.mkdtemp(prefix=f"cxr-throughput-{args.mode}-"))

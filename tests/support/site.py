@@ -42,13 +42,23 @@ OUTPUTS_PER_STUDY = 3
 RESTART_SECONDS = 5.0  # deploy/systemd: RestartSec=5
 
 
-def make_studies(n: int, out: Path, side: int = 512, tag: str = "F") -> list[Path]:
-    """``n`` single-image CR chest studies (12-bit pixels from the NIH 64 px images, upscaled)."""
-    pngs = sorted((SHARED / "data/nih-cxr14-64px/images").glob("*.png"))
+def make_studies(
+    n: int,
+    out: Path,
+    side: int = 512,
+    tag: str = "F",
+    *,
+    rows: int | None = None,
+    source: str = "nih-cxr14-64px",
+) -> list[Path]:
+    """``n`` single-image CR chest studies (12-bit pixels from the NIH images in ``source``, upscaled to
+    ``side`` columns and ``rows`` rows, square unless given)."""
+    pngs = sorted((SHARED / "data" / source / "images").glob("*.png"))
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(n):
-        img = Image.open(pngs[i % len(pngs)]).convert("L").resize((side, side), Image.Resampling.BILINEAR)
+        size = (side, rows or side)
+        img = Image.open(pngs[i % len(pngs)]).convert("L").resize(size, Image.Resampling.BILINEAR)
         pixels = (np.asarray(img, dtype=np.uint16) * 16).astype(np.uint16)
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
