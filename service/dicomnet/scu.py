@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -202,52 +202,40 @@ def store_many(
         return statuses
 
 
-def c_store(
-    path: Path,
-    *,
-    ae_title: str,
-    host: str,
-    port: int,
-    calling_ae_title: str,
-    timeout: float = 30,
-    tls_context: ssl.SSLContext | None = None,
-) -> None:
+class StoreTarget(TypedDict):
+    """Where :func:`c_store` and :func:`c_store_many` send, as whom; ``timeout`` for ACSE, DIMSE and the
+    network (default 30 s); with ``tls_context`` the association runs over TLS."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str
+    timeout: NotRequired[float]
+    tls_context: NotRequired[ssl.SSLContext | None]
+
+
+def c_store(path: Path, **target: Unpack[StoreTarget]) -> None:
     """Send one file; raises TransientError when the peer is unreachable, PermanentError when it refuses.
 
-    With ``tls_context`` the association runs over TLS. Offers the file's own syntax and both uncompressed
-    ones, so a picky PACS still finds one it accepts.
+    Offers the file's own syntax and both uncompressed ones, so a picky PACS still finds one it accepts.
     """
-    (error,) = c_store_many(
-        [path],
-        ae_title=ae_title,
-        host=host,
-        port=port,
-        calling_ae_title=calling_ae_title,
-        timeout=timeout,
-        tls_context=tls_context,
-    )
+    (error,) = c_store_many([path], **target)
     if error is not None:
         raise error
 
 
 def c_store_many(
-    paths: Sequence[Path],
-    *,
-    ae_title: str,
-    host: str,
-    port: int,
-    calling_ae_title: str,
-    timeout: float = 30,
-    tls_context: ssl.SSLContext | None = None,
+    paths: Sequence[Path], **target: Unpack[StoreTarget]
 ) -> list[TransientError | PermanentError | None]:
     """Send files over one association, as :func:`c_store` sends one; each file's outcome: None when
     stored, else the error it met (an association that could not be made fails every file alike)."""
+    tls_context = target.get("tls_context")
     try:
         codes = store_many(
             [dcmread(path) for path in paths],
-            Peer(ae_title, host, port, tls=tls_context is not None),
-            calling_ae_title=calling_ae_title,
-            timeout=timeout,
+            Peer(target["ae_title"], target["host"], target["port"], tls=tls_context is not None),
+            calling_ae_title=target["calling_ae_title"],
+            timeout=target.get("timeout", 30.0),
             tls=(lambda: tls_context) if tls_context is not None else None,
             fallback=(ExplicitVRLittleEndian, ImplicitVRLittleEndian),
         )
