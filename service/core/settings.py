@@ -306,9 +306,6 @@ class Settings(BaseSettings):
     retention_keep_labelled: bool = True
     retention_interval_seconds: float = Field(default=3600.0, gt=0.0)
 
-    @model_validator(mode="after")
-    def _check_notify(self) -> Settings:
-        check_notify_config(self.notify_rules, self.notify_channels)
     # The site loop (service.site): the default mode of destinations that name none (shadow: jobs run and
     # their outputs stay on the gateway, nothing is sent); the population stability index above which a
     # drift item is flagged, over drift_weeks weekly windows; the HMAC key of export-training's
@@ -326,6 +323,9 @@ class Settings(BaseSettings):
                 dest.mode = self.mode
         return self
 
+    @model_validator(mode="after")
+    def _check_notify(self) -> Settings:
+        check_notify_config(self.notify_rules, self.notify_channels)
         return self
 
     @model_validator(mode="after")
