@@ -94,14 +94,15 @@ def _add_training_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         default=None if finetune else 224,
         help="square input size" + (" (default: the source bundle's)" if finetune else ""),
     )
+    p.add_argument(
+        "--feature-stride",
+        type=int,
+        choices=(32, 16, 8),
+        default=None if finetune else 32,
+        help="input pixels per heatmap cell: 32 (DenseNet-121), 16 or 8 (transitions without pooling)"
+        + ("; default: the source bundle's (the weights fit either: pooling has none)" if finetune else ""),
+    )
     if not finetune:
-        p.add_argument(
-            "--feature-stride",
-            type=int,
-            choices=(32, 16, 8),
-            default=32,
-            help="input pixels per heatmap cell: 32 (DenseNet-121), 16 or 8 (transitions without pooling)",
-        )
         p.add_argument(
             "--histogram-equalise",
             action="store_true",
@@ -246,7 +247,7 @@ def _train_config(
     tc = TrainConfig(
         labels=labels,
         image_size=args.image_size or 224,
-        feature_stride=getattr(args, "feature_stride", 32),
+        feature_stride=args.feature_stride or 0,  # 0: the source bundle's (finetune)
         histogram_equalise=getattr(args, "histogram_equalise", False),
         clahe=getattr(args, "clahe", False),
         epochs=args.epochs,

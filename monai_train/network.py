@@ -37,17 +37,21 @@ def head(net: torch.nn.Module) -> torch.nn.Linear:
 
 
 def init_from_bundle(
-    bundle_dir: Path, labels: Sequence[str], image_size: int | None = None
+    bundle_dir: Path, labels: Sequence[str], image_size: int | None = None, feature_stride: int | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any], list[str]]:
     """A network for ``labels`` that starts from a bundle's weights.
 
     The backbone is copied whole; the final Linear keeps the rows (weights and bias) of labels present in
     both label sets and leaves the others at their fresh initialisation. Returns the shared labels.
+    ``feature_stride`` (None: the source's) may differ from the source's: DenseNet-121 and
+    `DenseNet121Fine` have the same weights, only the transitions' pooling differs.
     """
     old_net, old_cfg, meta = load_bundle_network(bundle_dir)
     old_labels = list(meta["labels"])
-    cfg = inference_config(len(labels), image_size or int(old_cfg.get("image_size", 224)))
-    cfg["network_def"] = {**old_cfg["network_def"], "out_channels": "@num_classes"}
+    size = image_size or int(old_cfg.get("image_size", 224))
+    cfg = inference_config(len(labels), size, feature_stride or 32)
+    if feature_stride is None:
+        cfg["network_def"] = {**old_cfg["network_def"], "out_channels": "@num_classes"}
     cfg["preprocessing"] = old_cfg["preprocessing"]
     net = build_network(cfg)
     old_state = old_net.state_dict()

@@ -32,6 +32,7 @@ from monai_train.network import check_finetune_leakage, init_from_bundle
 from monai_train.reference import reference_comparison
 from monai_train.split_file import write_split_file
 from worker.inference.calibration import Calibration
+from worker.inference.networks import feature_stride
 
 log = logging.getLogger("monai_train")
 
@@ -53,8 +54,9 @@ class Measured:
 def _network(tc: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any], list[str]]:
     """(network, inference config, labels whose output neurons a fine-tuning start kept)."""
     if tc.init_from is not None:
-        net, cfg, shared = init_from_bundle(tc.init_from, tc.labels, tc.image_size)
+        net, cfg, shared = init_from_bundle(tc.init_from, tc.labels, tc.image_size, tc.feature_stride or None)
         tc.image_size = int(cfg["image_size"])
+        tc.feature_stride = feature_stride(cfg["network_def"].get("pool_free_transitions", ()))
         log.info("fine-tuning from %s; output neurons kept for %s", tc.init_from, shared or "no label")
         return net, cfg, shared
     torch.manual_seed(tc.seed)

@@ -49,3 +49,20 @@ def test_histogram_equalisation_is_part_of_the_bundle_preprocessing(tmp_path: Pa
     plain = np.asarray(build_preprocessing(inference_config(len(NIH_LABELS), 32))(dark)) * 0.25 + 0.5
     # Spread over the range: much nearer mid-grey on average than the dark original.
     assert abs(float(out.mean()) - 0.5) < abs(float(plain.mean()) - 0.5) - 0.1
+
+
+def test_a_coarse_bundle_fine_tunes_into_finer_maps_with_its_own_weights(tmp_path: Path) -> None:
+    from monai_train.network import init_from_bundle, load_bundle_network
+
+    export_untrained(
+        tmp_path / "b", inference_config(len(NIH_LABELS), 64), seed=0, version="0", model_card="t"
+    )
+    net, cfg, shared = init_from_bundle(tmp_path / "b", NIH_LABELS, feature_stride=8)
+    assert cfg["network_def"]["pool_free_transitions"] == [2, 3]
+    assert isinstance(net, DenseNet121Fine) and shared == list(NIH_LABELS)
+    source, _, _ = load_bundle_network(tmp_path / "b")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
+    with torch.inference_mode():
+        assert net.features(torch.zeros(1, 1, 64, 64)).shape[2:] == (8, 8)
+    kept, _, _ = init_from_bundle(tmp_path / "b", NIH_LABELS)  # no stride given: the source's
+    assert not isinstance(kept, DenseNet121Fine)
