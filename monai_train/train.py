@@ -26,6 +26,7 @@ from monai_train.card import fmt, model_card
 from monai_train.config import TrainConfig, TrainingStopped, TrainResult, train_settings
 from monai_train.data import Splits, check_no_leakage, data_summary
 from monai_train.distributed import init_distributed, training_device
+from monai_train.drift_reference import write_reference_distribution
 from monai_train.loop import fit, predict_logits, sigmoid
 from monai_train.metrics import choose_operating_points, compute_metrics, fit_temperature, write_curves
 from monai_train.network import check_finetune_leakage, init_from_bundle
@@ -156,6 +157,9 @@ def _write_docs(out_dir: Path, splits: Splits, tc: TrainConfig, measured: Measur
         writer.writerow(["Image Index", *(f"prob_{lb}" for lb in tc.labels)])
         for name, row in zip(measured.test_names, measured.test_p, strict=True):
             writer.writerow([name, *(f"{v:.6f}" for v in row)])
+    if measured.test_names:
+        # The gateway's drift page compares its weekly scores with these held-out ones.
+        write_reference_distribution(out_dir)
 
 
 def _export(

@@ -36,6 +36,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_bundle(trained: TrainRes
     assert "Not for clinical use" in card and "random" in card
     for name in ("metrics.json", "roc.png", "pr.png", "test_predictions.csv", "splits.csv"):
         assert (trained.bundle / "docs" / name).is_file()
+    reference = json.loads((trained.bundle / "docs/reference_distribution.json").read_text())
+    assert set(reference["scores"]) == set(NIH_LABELS)
 
 
 def test_worker_predictor_matches_training_time_evaluation(trained: TrainResult, tiny_splits: Splits) -> None:
