@@ -277,10 +277,11 @@ def test_results_sr_shows_every_findings_score_in_ohif(site: Site, browser: Any)
             float(number)
             for line in lines
             if STEMS[label] in line
-            for number in re.findall(r"(?<![\d.])\d+\.\d+(?![\d.])", line)
+            # OHIF drops a zero fraction: 3.0 % is shown "3 %".
+            for number in re.findall(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])", line)
         ]
         if not any(abs(number - scale * value) < tolerance for number in shown):
-            unseen.append(f"{label} {value:.2f}")
+            unseen.append(f"{label} {value:.4f}: {[line for line in lines if STEMS[label] in line]}")
     assert not unseen, f"scores not on screen: {unseen}"
 
 
