@@ -8,7 +8,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from service.core.models import Instance, Job
+from service.core.models import Instance
 from service.core.settings import Source
 from service.core.status import JobStatus
 from tests.support.ingest import count, ingest_settings, instances, jobs, running_listener, wait_for
@@ -52,9 +52,13 @@ def test_pacs_routes_a_whole_study(tmp_path: Path, shared_dir: Path, orthanc: Or
         # Orthanc sends them as stored: compressed ones stay compressed.
         syntaxes = {str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in files}
         assert {i.transfer_syntax_uid for i in stored} == syntaxes
-        # One study, one job, queued once the association is released and the study is quiet.
-        wait_for(lambda: [j.status for j in jobs(listener)] == [JobStatus.QUEUED])
-        assert count(listener, Job) == 1
+        # One study, queued once the association is released (0.2 s grace). Orthanc re-associates to
+        # propose another transfer syntax; on a loaded machine that can come after the grace, and then
+        # the later instances' job waits behind the queued one (the study runs once more at the end,
+        # never twice at once): one queued job, at most one waiting.
+        wait_for(lambda: [j.status for j in jobs(listener)][:1] == [JobStatus.QUEUED])
+        statuses = [j.status for j in jobs(listener)]
+        assert statuses[0] == JobStatus.QUEUED and statuses[1:] in ([], [JobStatus.RECEIVED]), statuses
 
         # The PACS sends the study again (a re-route): nothing new.
         assert orthanc.store_to_modality("GATEWAY", ids)["FailedInstancesCount"] == 0
