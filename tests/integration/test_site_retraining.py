@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pydicom import dcmread
+from pydicom.uid import DigitalXRayImageStorageForPresentation
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -33,6 +32,7 @@ from service.core.settings import DEFAULT_BUNDLE
 from service.site import bundles, labels
 from service.site.findings import bundle_findings
 from tests.support.runtime import worker_runtime
+from tests.support.site import chest_dataset
 from tests.support.studies import enqueue_files, with_fresh_uids
 from worker.pipeline import process_study
 from worker.runtime import Runtime
@@ -74,25 +74,20 @@ def _site_studies(nih: Path, out: Path) -> list[tuple[Path, str, str]]:
     for patient in chosen:
         for row in [r for r in rows if r["Patient ID"] == patient][:2]:
             img = Image.open(nih / "images" / row["Image Index"]).convert("L").resize((256, 256))
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-            ds.PatientName, ds.PatientID = f"SITE^PATIENT{patient}", f"MRN{patient}"
-            ds.PatientBirthDate, ds.StudyDate, ds.AccessionNumber = (
-                "19700101",
-                "20261120",
-                f"ACC{len(studies)}",
+            ds = chest_dataset(
+                np.asarray(img, dtype=np.uint8),
+                sop_class=DigitalXRayImageStorageForPresentation,
+                modality="DX",
+                bits_stored=8,
+                PatientName=f"SITE^PATIENT{patient}",
+                PatientID=f"MRN{patient}",
+                PatientBirthDate="19700101",
+                StudyDate="20261120",
+                AccessionNumber=f"ACC{len(studies)}",
+                InstitutionName="General Hospital",
+                ReferringPhysicianName="DOCTOR^REFERRING",
+                PresentationIntentType="FOR PRESENTATION",
             )
-            ds.InstitutionName, ds.ReferringPhysicianName = "General Hospital", "DOCTOR^REFERRING"
-            ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-            ds.PresentationIntentType = "FOR PRESENTATION"
-            ds.Rows, ds.Columns = 256, 256
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-            ds.PixelData = np.asarray(img, dtype=np.uint8).tobytes()
             path = out / f"{len(studies)}.dcm"
             ds.save_as(path, enforce_file_format=True)
             studies.append((path, str(ds.StudyInstanceUID), row["Finding Labels"]))

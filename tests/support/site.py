@@ -42,6 +42,33 @@ OUTPUTS_PER_STUDY = 3
 RESTART_SECONDS = 5.0  # deploy/systemd: RestartSec=5
 
 
+def chest_dataset(
+    pixels: np.ndarray, *, sop_class: str, modality: str, bits_stored: int, **attributes: Any
+) -> Dataset:
+    """One single-frame MONOCHROME2 PA chest image with fresh UIDs (Explicit VR LE), plus ``attributes``
+    by keyword: the one synthetic-image writer of the suite and the benches."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = modality, "CHEST", "PA"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        bits,
+        bits_stored,
+        bits_stored - 1,
+        0,
+    )
+    ds.PixelData = pixels.tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def make_studies(
     n: int,
     out: Path,
@@ -60,20 +87,19 @@ def make_studies(
         size = (side, rows or side)
         img = Image.open(pngs[i % len(pngs)]).convert("L").resize(size, Image.Resampling.BILINEAR)
         pixels = (np.asarray(img, dtype=np.uint16) * 16).astype(np.uint16)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.PatientName, ds.PatientID = f"FAULT^{tag}{i:03d}", f"{tag}{i:05d}"
-        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20260101", "120000", f"{tag}{i:05d}"
-        ds.SeriesNumber, ds.InstanceNumber = 1, 1
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.tobytes()
+        ds = chest_dataset(
+            pixels,
+            sop_class=ComputedRadiographyImageStorage,
+            modality="CR",
+            bits_stored=12,
+            PatientName=f"FAULT^{tag}{i:03d}",
+            PatientID=f"{tag}{i:05d}",
+            StudyDate="20260101",
+            StudyTime="120000",
+            AccessionNumber=f"{tag}{i:05d}",
+            SeriesNumber=1,
+            InstanceNumber=1,
+        )
         path = out / f"{tag}-{i:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
