@@ -132,7 +132,30 @@ class JobEvent(Base):
     job: Mapped[Job] = relationship(back_populates="events")
 
 
-class Delivery(Base):
+class DueTimeColumns:
+    """An outbox row's own retry clock (deliveries, notifications; service.core.outbox).
+
+    Retries are owned by the row, not by a task sleeping in a worker or the broker: while it is open,
+    ``next_attempt_at`` is when it is due (or a sending row's lease ends), and ``dispatched_at`` when its
+    message for that due time went to the broker (None: not yet). A message that never led to an attempt
+    (the broker or the worker holding it died) is sent again once it is older than a reconcile interval.
+    """
+
+    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
+    dispatched_at: Mapped[datetime | None]
+
+
+class AttemptColumns:
+    """One try of an outbox row: when, how long, and what came of it."""
+
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))  # the row's status after this try
+    # What the peer or the network said (DIMSE status, refusal, connection error): never patient data.
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Delivery(DueTimeColumns, Base):
     """One output object to one destination."""
 
     __tablename__ = "deliveries"
@@ -151,12 +174,6 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
-    # Retries are owned by this row, not by a task sleeping in a worker or the broker: while the delivery
-    # is pending or retrying, ``next_attempt_at`` is when it is due, and ``dispatched_at`` when its message
-    # for that due time went to the broker (None: not yet). A message that never led to an attempt (the
-    # broker or the worker holding it died) is sent again once it is older than a reconcile interval.
-    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
-    dispatched_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
     # Every C-STORE attempt, for the admin asking why a result reached the PACS late or never.
@@ -165,18 +182,13 @@ class Delivery(Base):
     )
 
 
-class DeliveryAttempt(Base):
-    """One C-STORE attempt of a delivery: when, how long, and what came of it."""
+class DeliveryAttempt(AttemptColumns, Base):
+    """One C-STORE (or STOW-RS) attempt of a delivery; ``outcome`` a DeliveryStatus value."""
 
     __tablename__ = "delivery_attempts"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
-    started_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
-    outcome: Mapped[str] = mapped_column(String(16))  # a DeliveryStatus value
-    # What the peer or the network said (DIMSE status, refusal, connection error): never patient data.
-    error: Mapped[str | None] = mapped_column(Text)
 
     delivery: Mapped[Delivery] = relationship(back_populates="history")
 
@@ -242,7 +254,7 @@ class AuditEntry(Base):
     client_address: Mapped[str | None] = mapped_column(String(64))
 
 
-class Notification(Base):
+class Notification(DueTimeColumns, Base):
     """One urgent finding of one job on one channel (HL7 v2, FHIR, webhook): service.core.notifications
     holds its state machine. The row is written with the job's result, before anything is sent.
 
@@ -272,28 +284,20 @@ class Notification(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
-    # As for deliveries: when an open row is due (or a sending row's lease ends), and when its message for
-    # that due time went to the broker (None: not yet).
-    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
-    dispatched_at: Mapped[datetime | None]
 
     history: Mapped[list[NotificationAttempt]] = relationship(
         back_populates="notification", order_by="NotificationAttempt.id", lazy="selectin"
     )
 
 
-class NotificationAttempt(Base):
-    """One send of a notification: when, how long, the outcome and the peer's answer (no patient data)."""
+class NotificationAttempt(AttemptColumns, Base):
+    """One send of a notification; ``outcome`` sent | failed_retrying | dead, ``reason`` a coded reason."""
 
     __tablename__ = "notification_attempts"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id"), index=True)
-    started_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
-    outcome: Mapped[str] = mapped_column(String(16))  # sent | failed_retrying | dead
     reason: Mapped[str | None] = mapped_column(String(40))
-    error: Mapped[str | None] = mapped_column(Text)
 
     notification: Mapped[Notification] = relationship(back_populates="history")
 
