@@ -37,9 +37,10 @@ def register_tasks(app: Celery, rt: Runtime) -> None:
         run_study(self.app, rt, job_id, worker=self.request.hostname)
 
     @app.task(name=names.DELIVER, acks_late=True)
-    def deliver_task(delivery_id: int, attempt: int | None = None) -> None:
+    def deliver_task(delivery_id: int, attempt: int | None = None) -> str | None:
         # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
-        deliver(delivery_id, rt.settings, rt.sessions, attempt)
+        status = deliver(delivery_id, rt.settings, rt.sessions, attempt)
+        return None if status is None else str(status)
 
 
 def send_on_lanes(rt: Runtime, ids: Iterable[int]) -> list[Future[list[DeliveryStatus] | None]]:

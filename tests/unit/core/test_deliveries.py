@@ -176,7 +176,8 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
     monkeypatch.setattr(Celery, "send_task", lambda self, *a, **kw: published.append(kw))
 
     before = datetime.now(UTC)
-    deliver_task.apply(args=[delivery_id, 0])
+    # .get() raises what the task raised (apply alone keeps it in the result, and the row just stays).
+    assert deliver_task.apply(args=[delivery_id, 0]).get() == DeliveryStatus.RETRYING
     with sessions() as s:
         row = s.get(Delivery, delivery_id)
         assert row is not None
@@ -187,10 +188,10 @@ def test_a_failed_attempt_records_its_due_time_and_sends_no_countdown_task(
     assert published == []
 
     # A second copy of the same message (the broker redelivered it) does nothing.
-    deliver_task.apply(args=[delivery_id, 0])
+    assert deliver_task.apply(args=[delivery_id, 0]).get() is None
     # The scheduler's message for attempt 2 makes it; the third failure is past the 2 retries allowed.
-    deliver_task.apply(args=[delivery_id, 1])
-    deliver_task.apply(args=[delivery_id, 2])
+    assert deliver_task.apply(args=[delivery_id, 1]).get() == DeliveryStatus.RETRYING
+    assert deliver_task.apply(args=[delivery_id, 2]).get() == DeliveryStatus.DEAD_LETTER
     with sessions() as s:
         row = s.get(Delivery, delivery_id)
         assert row is not None
