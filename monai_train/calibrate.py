@@ -29,7 +29,7 @@ import numpy.typing as npt
 from scipy.optimize import minimize
 
 from monai_train.metrics import expected_calibration_error
-from monai_train.split_file import read_split_file, split_path
+from monai_train.split_file import split_names
 from worker.inference.calibration import Calibration
 
 log = logging.getLogger("monai_train")
@@ -105,18 +105,6 @@ def per_label_ece(y: npt.ArrayLike, p: npt.ArrayLike, labels: Sequence[str]) -> 
 # ---------------------------------------------------------------------------------------------- a bundle
 
 
-def _split_names(bundle_dir: Path) -> dict[str, set[str]]:
-    rows = read_split_file(bundle_dir)
-    if rows is None:
-        raise FileNotFoundError(
-            f"{split_path(bundle_dir)} is missing: the bundle's validation split is unknown"
-        )
-    out: dict[str, set[str]] = {}
-    for image, _, split in rows:
-        out.setdefault(split, set()).add(image)
-    return out
-
-
 def recalibrate_bundle(
     bundle_dir: Path,
     images: Sequence[Path],
@@ -141,7 +129,7 @@ def recalibrate_bundle(
     bundle = load_bundle(bundle_dir)
     if bundle.calibration is not None and bundle.calibration.method == "platt":
         raise ValueError(f"{bundle_dir} is already Platt-calibrated; recalibrate the uncalibrated bundle")
-    splits = _split_names(bundle_dir)
+    splits = split_names(bundle_dir)
     records = combine(
         read_records(i, c, bundle.labels, missing="skip") for i, c in zip(images, labels_csvs, strict=True)
     )

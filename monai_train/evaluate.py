@@ -287,6 +287,8 @@ def evaluate(
     seed: int = 0,
     versus: Path | None = None,
     cam_method: str = "auto",
+    precision: str = "auto",
+    versus_precision: str = "auto",
 ) -> dict[str, Any]:
     """Write ``out`` (metrics.json) plus ``<stem>_roc.png``, ``<stem>_pr.png`` and
     ``<stem>_predictions.csv`` beside it; with ``heatmaps``, ``<dir>/<image stem>/<finding>.npy``.
@@ -354,7 +356,8 @@ def evaluate(
     box_list = read_boxes(boxes, bundle.labels) if boxes is not None else []
     keep = {b.image for b in box_list}
 
-    predictor = Predictor(bundle, threads=threads, cam_method=cam_method)
+    # precision "auto": what the worker runs on this machine (the bundle's int8 graph on a CPU when shipped).
+    predictor = Predictor(bundle, threads=threads, cam_method=cam_method, precision=precision)
     t0 = time.monotonic()
     p, cams, sizes = _predict(predictor, bundle, clean, batch_size, heatmaps, keep)
     metrics: dict[str, Any] = (
@@ -395,8 +398,10 @@ def evaluate(
     if other is not None and clean:
         if other.labels != bundle.labels:
             raise EvaluationError(f"--versus bundle has labels {other.labels}, not {bundle.labels}")
-        op, _, _ = _predict(Predictor(other, threads=threads), other, clean, batch_size, None, set())
+        versus_predictor = Predictor(other, threads=threads, precision=versus_precision)
+        op, _, _ = _predict(versus_predictor, other, clean, batch_size, None, set())
         metrics["versus"] = _versus(clean, y, p, op, other, sizes, samples=bootstrap_samples, seed=seed)
+        metrics["versus"]["inference"] = versus_predictor.description
     if allow_overlap and overlap:
         op, ocams, osizes = _predict(predictor, bundle, overlap, batch_size, heatmaps, keep)
         block = _measure(overlap, op, bundle, osizes, samples=bootstrap_samples, seed=seed)
@@ -410,6 +415,7 @@ def evaluate(
             out.parent / f"{out.stem}_overlap_predictions.csv", [r.name for r in overlap], op, bundle
         )
     metrics["cam_method"] = predictor.cam_method
+    metrics["inference"] = predictor.description
     metrics["seconds"] = round(time.monotonic() - t0, 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -32,3 +32,14 @@ def read_split_file(bundle_dir: Path) -> list[tuple[str, str, str]] | None:
         return None
     with path.open(newline="") as fh:
         return [(r[COLUMNS[0]].strip(), r[COLUMNS[1]].strip(), r[COLUMNS[2]]) for r in csv.DictReader(fh)]
+
+
+def split_names(bundle_dir: Path) -> dict[str, set[str]]:
+    """split -> its image names; FileNotFoundError without a splits file (the splits are unknown)."""
+    rows = read_split_file(bundle_dir)
+    if rows is None:
+        raise FileNotFoundError(f"{split_path(bundle_dir)} is missing: the bundle's splits are unknown")
+    out: dict[str, set[str]] = {}
+    for image, _, split in rows:
+        out.setdefault(split, set()).add(image)
+    return out

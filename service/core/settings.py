@@ -215,8 +215,9 @@ class Settings(BaseSettings):
     worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
     torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
     inference_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    # auto: bf16 (or fp16 where bf16 is missing) autocast on a GPU, fp32 on the CPU.
-    inference_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: bf16 (or fp16 where bf16 is missing) autocast on a GPU; on the CPU int8 when the bundle ships
+    # its checked int8 graph (models/model.int8.onnx), else fp32.
+    inference_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     # auto: ONNX Runtime on the CPU when the bundle ships models/model.onnx, torch otherwise.
     inference_backend: Literal["auto", "torch", "onnx"] = "auto"
     # Cross-study batching (worker_pool="threads" with worker_concurrency > 1): images per forward pass,

@@ -5,6 +5,8 @@ Layout (MONAI bundle convention)::
     configs/metadata.json    version, labels, operating points, temperature, metrics, data summary
     configs/inference.json   network_def and preprocessing (MONAI transforms), parsed by ConfigParser
     models/model.safetensors weights (fp16 or fp32)
+    models/model.onnx        optional: logits + class-activation maps as one graph (the CPU path)
+    models/model.int8.onnx   optional: that graph with int8 convolutions, checked against it
     docs/README.md           model card
 """
 
@@ -28,6 +30,8 @@ METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
 WEIGHTS = Path("models/model.safetensors")
 ONNX_WEIGHTS = Path("models/model.onnx")
+# The same graph with int8 convolutions (worker.inference.quantize), checked against it when written.
+INT8_WEIGHTS = Path("models/model.int8.onnx")
 
 
 class BundleError(RuntimeError):
@@ -71,8 +75,8 @@ class Bundle:
 def bundle_hash(path: Path) -> str:
     """sha256 over the files that define behaviour (configs and weights), in a stable order."""
     digest = hashlib.sha256()
-    for rel in (METADATA, INFERENCE, WEIGHTS, ONNX_WEIGHTS):
-        if rel == ONNX_WEIGHTS and not (path / rel).is_file():
+    for rel in (METADATA, INFERENCE, WEIGHTS, ONNX_WEIGHTS, INT8_WEIGHTS):
+        if rel in (ONNX_WEIGHTS, INT8_WEIGHTS) and not (path / rel).is_file():
             continue  # optional: derived from WEIGHTS for the CPU path
         digest.update(str(rel).encode())
         with (path / rel).open("rb") as fh:

@@ -17,16 +17,20 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from worker.inference.bundle import INT8_WEIGHTS as INT8
 from worker.inference.bundle import ONNX_WEIGHTS as ONNX
 from worker.inference.bundle import Bundle
 from worker.inference.cam import CamNetwork
 
 
 class Precision(StrEnum):
-    AUTO = "auto"  # bf16 on a GPU that has it, else fp16 on a GPU; fp32 on the CPU
+    # bf16 on a GPU that has it, else fp16 on a GPU; on the CPU int8 when the bundle ships its checked
+    # int8 graph (models/model.int8.onnx), else fp32
+    AUTO = "auto"
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"  # the CPU only, ONNX Runtime: the bundle's int8 graph
 
 
 class Backend(StrEnum):
@@ -52,12 +56,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:
+def resolve_precision(precision: Precision | str, device: torch.device, int8: bool = False) -> Precision:
+    """``auto``: see :class:`Precision`; ``int8``: whether the bundle ships its int8 graph."""
     precision = Precision(precision)
     if precision != Precision.AUTO:
         return precision
     if device.type != "cuda":
-        return Precision.FP32
+        return Precision.INT8 if int8 and _onnxruntime_present() else Precision.FP32
     return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
 
 
@@ -90,7 +95,6 @@ class Predictor:
             torch.set_num_threads(threads)
         self.bundle = bundle
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
         self.net = bundle.network().to(self.device)
         self.preprocess = bundle.preprocessing()
         has_cam_head = CamNetwork.supports(self.net)
@@ -108,15 +112,19 @@ class Predictor:
             self._gradcam = GradCAM(nn_module=self.net, target_layers=layer, postprocessing=_identity)
         else:
             raise ValueError(f"unknown cam_method {cam_method!r}")
-        self.backend = self._choose_backend(Backend(backend))
+        backend = Backend(backend)
+        int8 = cam_method == "cam" and backend != Backend.TORCH and (bundle.path / INT8).is_file()
+        self.precision = resolve_precision(precision, self.device, int8=int8)
+        self.backend = self._choose_backend(backend)
         self._session: Any = None
         if self.backend == Backend.ONNX:
             ort = _onnxruntime()
             options = ort.SessionOptions()
             if threads > 0:
                 options.intra_op_num_threads = threads
+            graph = INT8 if self.precision == Precision.INT8 else ONNX
             self._session = ort.InferenceSession(
-                str(bundle.path / ONNX), options, providers=["CPUExecutionProvider"]
+                str(bundle.path / graph), options, providers=["CPUExecutionProvider"]
             )
         if self.device.type == "cuda":
             # Fixed input size: let cuDNN pick its fastest kernels once.
@@ -129,9 +137,11 @@ class Predictor:
         onnx_ok = (
             self.cam_method == "cam"
             and self.device.type == "cpu"
-            and self.precision == Precision.FP32
-            and (self.bundle.path / ONNX).is_file()
+            and self.precision in (Precision.FP32, Precision.INT8)
+            and (self.bundle.path / (INT8 if self.precision == Precision.INT8 else ONNX)).is_file()
         )
+        if self.precision == Precision.INT8 and (backend == Backend.TORCH or not onnx_ok):
+            raise ValueError("int8 needs the bundle's models/model.int8.onnx, CAM, the CPU and ONNX Runtime")
         if backend == Backend.AUTO:
             if not onnx_ok:
                 return Backend.TORCH
@@ -141,7 +151,7 @@ class Predictor:
                 return Backend.TORCH
             return Backend.ONNX
         if backend == Backend.ONNX and not onnx_ok:
-            raise ValueError("the ONNX backend needs models/model.onnx, CAM, the CPU and fp32")
+            raise ValueError("the ONNX backend needs models/model.onnx, CAM, the CPU and fp32 (or int8)")
         return backend
 
     @property
@@ -201,6 +211,14 @@ class Predictor:
             cams=(cams / peak).cpu().numpy().astype(np.float32),
             batch_images=int(logits.shape[0]),
         )
+
+
+def _onnxruntime_present() -> bool:
+    try:
+        _onnxruntime()
+    except ImportError:
+        return False
+    return True
 
 
 def _onnxruntime() -> Any:

@@ -105,6 +105,12 @@ def test_shipped_bundle_is_calibrated_and_the_worker_reproduces_its_test_predict
     ]
     picked = [r for r in rows[::27]][:8]
     paths = [next(f / r["Image Index"] for f in folders if (f / r["Image Index"]).is_file()) for r in picked]
-    probs = Predictor(bundle, threads=1).predict([load_image(p) for p in paths]).probabilities
+    images = [load_image(p) for p in paths]
     expected = np.asarray([[float(r[f"prob_{lb}"]) for lb in bundle.labels] for r in picked])
-    np.testing.assert_allclose(probs, expected, atol=2e-6)
+    # The card's figures are the fp32 graph's; the worker runs the checked int8 graph on a CPU (its
+    # largest change on the validation images is recorded in metadata: 0.006).
+    fp32 = Predictor(bundle, threads=1, precision="fp32")
+    np.testing.assert_allclose(fp32.predict(images).probabilities, expected, atol=2e-6)
+    worker = Predictor(bundle, threads=1)
+    assert worker.precision == "int8" and meta["int8"]["max_abs_probability_change"] < 0.02
+    np.testing.assert_allclose(worker.predict(images).probabilities, expected, atol=0.02)

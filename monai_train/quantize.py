@@ -1,0 +1,71 @@
+"""``python -m monai_train quantize``: the bundle's int8 CPU graph, calibrated on its own training images and
+checked on its validation images (``docs/splits.csv``); the test split is left for ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_train.data import Record, combine, load_image, read_records
+from monai_train.metrics import auroc_per_label, mean_defined
+from monai_train.split_file import split_names
+
+DEFAULT_CALIBRATION_IMAGES = 128
+
+
+def quantize_from_splits(
+    bundle_dir: Path,
+    images: Sequence[Path],
+    labels_csvs: Sequence[Path],
+    *,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    tolerance: float | None = None,
+    threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``models/model.int8.onnx`` (``worker.inference.quantize``): ``calibration_images`` training
+    images drawn with ``seed`` set the activation ranges, every validation image checks the result.
+    The report adds the validation mean AUROC of both graphs."""
+    from worker.inference.bundle import METADATA, load_bundle
+    from worker.inference.predictor import Predictor
+    from worker.inference.quantize import DEFAULT_TOLERANCE, quantize_bundle
+
+    bundle = load_bundle(bundle_dir)
+    splits = split_names(bundle_dir)
+    records = combine(
+        read_records(i, c, bundle.labels, missing="skip") for i, c in zip(images, labels_csvs, strict=True)
+    )
+
+    def of(split: str) -> list[Record]:
+        recs = [r for r in records if r.name in splits.get(split, set())]
+        if not recs:
+            raise ValueError(f"none of the bundle's {split} images is in the given folders")
+        return recs
+
+    train, val = of("train"), of("val")
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(len(train), min(calibration_images, len(train)), replace=False)
+    picked = [train[i] for i in sorted(drawn)]
+    val_images = [load_image(r.image) for r in val]
+    report = quantize_bundle(
+        bundle_dir,
+        [load_image(r.image) for r in picked],
+        val_images,
+        tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+        threads=threads,
+        notes={"calibration_split": "train", "check_split": "val", "seed": seed},
+    )
+    y = np.asarray([r.labels for r in val], np.float64)
+    for precision in ("fp32", "int8"):
+        predictor = Predictor(load_bundle(bundle_dir), threads=threads, backend="onnx", precision=precision)
+        p = np.concatenate([predictor.predict([img]).probabilities for img in val_images])
+        report[f"val_mean_auroc_{precision}"] = round(mean_defined(auroc_per_label(y, p, bundle.labels)), 6)
+    meta_path = bundle_dir / METADATA
+    meta = json.loads(meta_path.read_text())
+    meta["int8"] = report
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return report
