@@ -152,7 +152,8 @@ def test_studies_run_as_threads_share_forward_passes(tmp_path: Path, shared_dir:
         results = [j.result for j in jobs if j is not None and j.result is not None]
     shared = [r["inference"] for r in results]
     assert max(i["batch_studies"] for i in shared) > 1, shared
-    assert shared[0]["device"] == "cpu" and shared[0]["precision"] == "fp32"
+    # On a CPU the shipped bundle runs its checked int8 graph (models/model.int8.onnx).
+    assert shared[0]["device"] == "cpu" and shared[0]["precision"] == "int8"
     # The same image in four studies: the same answer whichever pass it rode in.
     probs = [r["images"][0]["probabilities"] for r in results]
     for p in probs[1:]:
