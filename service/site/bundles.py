@@ -26,7 +26,13 @@ from service.site.findings import ModelFindings, bundle_findings
 from service.site.validation import StudyCase, labelled_cases, study_cases
 
 # The files that define a bundle's behaviour, hashed in this order (as worker.inference.bundle does).
-_HASHED = ("configs/metadata.json", "configs/inference.json", "models/model.safetensors", "models/model.onnx")
+_HASHED = (
+    "configs/metadata.json",
+    "configs/inference.json",
+    "models/model.safetensors",
+    "models/model.onnx",
+    "models/model.int8.onnx",
+)
 
 
 class BundleStatus(StrEnum):

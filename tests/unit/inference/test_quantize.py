@@ -14,6 +14,7 @@ import pytest
 from monai_train.__main__ import init_bundle
 from monai_train.__main__ import main as train_main
 from monai_train.data import load_image
+from service.site.bundles import bundle_sha256
 from worker.inference.bundle import INT8_WEIGHTS, load_bundle
 from worker.inference.predictor import Predictor
 from worker.inference.quantize import QuantizationRejected, agreement, quantize_bundle
@@ -58,6 +59,7 @@ def test_quantize_command_writes_a_checked_int8_graph_that_the_worker_runs(
     assert (report["calibration_split"], report["check_split"]) == ("train", "val")
     after = load_bundle(bundle_dir)
     assert after.metadata["int8"] == report and after.sha256 != before.sha256  # the graph is behaviour
+    assert bundle_sha256(bundle_dir) == after.sha256  # the dashboard's registry hashes it alike
     worker = Predictor(after, threads=1)
     assert (worker.backend, worker.precision) == ("onnx", "int8")
     fp32 = Predictor(after, threads=1, precision="fp32")
