@@ -15,6 +15,6 @@ from worker.runtime import Runtime
 
 
 def register_notify_task(app: Celery, rt: Runtime) -> None:
-    @app.task(name=NOTIFY_TASK, acks_late=True)  # type: ignore[untyped-decorator]
+    @app.task(name=NOTIFY_TASK, acks_late=True, shared=False)  # type: ignore[untyped-decorator]
     def notify_task(notification_id: int, attempts: int | None = None) -> None:
         attempt(notification_id, rt.settings, rt.sessions, attempts)

@@ -32,11 +32,13 @@ MAX_RUNS = 5
 
 
 def register_tasks(app: Celery, rt: Runtime) -> None:
-    @app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True)
+    # shared=False: Celery's default also registers each task on every Celery app created later in this
+    # process, bound to this runtime; such an app could then run its tasks on another database.
+    @app.task(name=names.PROCESS_STUDY, bind=True, acks_late=True, shared=False)
     def process_study_task(self: Task[Any, Any], job_id: str) -> None:
         run_study(self.app, rt, job_id, worker=self.request.hostname)
 
-    @app.task(name=names.DELIVER, acks_late=True)
+    @app.task(name=names.DELIVER, acks_late=True, shared=False)
     def deliver_task(delivery_id: int, attempt: int | None = None) -> str | None:
         # One attempt; a failure records when the delivery is due again (no countdown task on the broker).
         status = deliver(delivery_id, rt.settings, rt.sessions, attempt)

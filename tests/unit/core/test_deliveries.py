@@ -282,3 +282,33 @@ def test_the_delivery_state_machine_moves_only_along_its_transitions(tmp_path: P
         row = s.get(Delivery, delivery_id)
         assert row is not None
         assert (row.status, row.delivered_at.replace(tzinfo=UTC)) == (DeliveryStatus.DELIVERED, NOW)
+
+
+def test_each_worker_app_runs_its_tasks_on_its_own_runtime(tmp_path: Path, shared_dir: Path) -> None:
+    """The flaky failure at 042920b: Celery registers a task on every app created later in the process
+    unless told otherwise, so a second worker app (here: another test's) could run the first one's
+    deliver task, on the first one's database, and leave its own row untouched."""
+    from celery import _state
+
+    from service.core import task_names as names
+    from worker.app import make_app
+    from worker.runtime import Runtime
+
+    finalizers = set(_state._on_app_finalizers)
+    runs = []
+    for name in ("first", "second"):
+        settings, sessions, _celery = _setup(tmp_path / name, sender_ae_title="CXR_GATEWAY")
+        _output(settings, shared_dir)
+        delivery_id = _delivery(
+            sessions, port=free_port(), status=DeliveryStatus.PENDING, next_attempt_at=datetime.now(UTC)
+        )
+        runs.append((make_app(Runtime(settings=settings, sessions=sessions)), sessions, delivery_id))
+    assert set(_state._on_app_finalizers) == finalizers  # nothing registered process-wide
+    (first, first_db, first_id), (second, second_db, second_id) = runs
+    assert first_id == second_id  # a fresh database each: the same row id, so a mix-up would not show
+    assert second.tasks[names.DELIVER].apply(args=[second_id, 0]).get() == DeliveryStatus.RETRYING
+    for sessions, attempts in ((first_db, 0), (second_db, 1)):
+        with sessions() as s:
+            row = s.get(Delivery, first_id)
+            assert row is not None and row.attempts == attempts
+    assert first.tasks[names.DELIVER] is not second.tasks[names.DELIVER]
