@@ -302,47 +302,11 @@ def evaluate(
     if len(csvs) != len(folders):
         raise EvaluationError("give one label CSV for all image folders, or one per folder")
     bundle = load_bundle(bundle_dir)
-    # Rows of a larger CSV (e.g. the full NIH file) whose image is not in the folder are skipped.
-    from monai_train.dicom_folder import is_dicom_folder, read_dicom_folder
-
-    datasets: list[list[Record]] = []
-    gate_reports: dict[str, Any] = {}
-    for folder, csv_path in zip(folders, csvs, strict=True):
-        if is_dicom_folder(folder):
-            # A PACS export: the worker's gate decides what is measured, as it would in production.
-            recs, report = read_dicom_folder(folder, csv_path, bundle.labels)
-            gate_reports[str(folder)] = report.as_json()
-            datasets.append(recs)
-        else:
-            datasets.append(read_records(folder, csv_path, bundle.labels, missing="skip"))
-    records = combine(datasets)
-    learned = learned_patients(bundle_dir)
+    records, gate_reports = _read_datasets(folders, csvs, bundle.labels)
     other = load_bundle(versus) if versus is not None else None
-    if versus is not None:
-        # A comparison is fair only on images neither bundle learned from.
-        theirs = learned_patients(versus)
-        if learned is not None and theirs is not None:
-            learned = ({**theirs[0], **learned[0]}, {**theirs[1], **learned[1]})
-        elif theirs is not None:
-            learned = theirs
+    learned = _learned_by_either(bundle_dir, versus)
     clean, overlap = partition_overlap(records, learned)
-    refused: dict[str, Any] = {
-        "images": len(overlap),
-        "patients": len({r.patient_id for r in overlap}),
-        "measured_separately": allow_overlap and bool(overlap),
-        "examples": [r.name for r in overlap[:5]],
-        "reason": "the patient (or image) is in the bundle's training or validation split (docs/splits.csv)",
-    }
-    if overlap:
-        log.warning(
-            "%d of %d images (%d patients) are of patients that trained or tuned this bundle: %s",
-            len(overlap),
-            len(records),
-            refused["patients"],
-            "measured in a separate 'overlap' block, not in the headline"
-            if allow_overlap
-            else "refused (--allow-overlap measures them separately)",
-        )
+    refused = _refusal(records, overlap, allow_overlap)
     if learned is None:
         log.warning(
             "%s has no docs/splits.csv: cannot check images against its training patients", bundle_dir
@@ -378,15 +342,7 @@ def evaluate(
     metrics["refused"] = refused
     if gate_reports:
         metrics["dicom_folders"] = gate_reports
-    metrics["bundle"] = {
-        "path": str(bundle_dir),
-        "name": bundle.name,
-        "version": bundle.version,
-        "sha256": bundle.sha256,
-        "temperature": bundle.temperature,
-        "calibration": bundle.calibration.method if bundle.calibration else "temperature",
-        "calibrated": bundle.calibrated,
-    }
+    metrics["bundle"] = _bundle_block(bundle, bundle_dir)
     metrics["images"] = str(folders[0]) if len(folders) == 1 else [str(f) for f in folders]
     metrics["labels_csv"] = str(csvs[0]) if len(set(csvs)) == 1 else [str(c) for c in csvs]
     names = [r.name for r in clean]
@@ -423,6 +379,70 @@ def evaluate(
         write_curves(y, p, bundle.labels, out.parent, prefix=f"{out.stem}_")
     _write_predictions(out.parent / f"{out.stem}_predictions.csv", names, p, bundle)
     return metrics
+
+
+def _read_datasets(
+    folders: Sequence[Path], csvs: Sequence[Path], labels: Sequence[str]
+) -> tuple[list[Record], dict[str, Any]]:
+    """The records of every folder (rows of a larger CSV whose image is not there are skipped) and, for
+    DICOM folders, the worker's gate report."""
+    from monai_train.dicom_folder import is_dicom_folder, read_dicom_folder
+
+    datasets: list[list[Record]] = []
+    gate_reports: dict[str, Any] = {}
+    for folder, csv_path in zip(folders, csvs, strict=True):
+        if is_dicom_folder(folder):
+            # A PACS export: the worker's gate decides what is measured, as it would in production.
+            recs, report = read_dicom_folder(folder, csv_path, labels)
+            gate_reports[str(folder)] = report.as_json()
+            datasets.append(recs)
+        else:
+            datasets.append(read_records(folder, csv_path, labels, missing="skip"))
+    return combine(datasets), gate_reports
+
+
+def _learned_by_either(bundle_dir: Path, versus: Path | None) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The patients and images the bundle (and the --versus bundle) trained or tuned on: a comparison is
+    fair only on images neither learned from."""
+    learned = learned_patients(bundle_dir)
+    theirs = learned_patients(versus) if versus is not None else None
+    if learned is not None and theirs is not None:
+        return {**theirs[0], **learned[0]}, {**theirs[1], **learned[1]}
+    return theirs if theirs is not None else learned
+
+
+def _refusal(records: Sequence[Record], overlap: Sequence[Record], allow_overlap: bool) -> dict[str, Any]:
+    """What was kept out of the headline, and why (logged too)."""
+    refused: dict[str, Any] = {
+        "images": len(overlap),
+        "patients": len({r.patient_id for r in overlap}),
+        "measured_separately": allow_overlap and bool(overlap),
+        "examples": [r.name for r in overlap[:5]],
+        "reason": "the patient (or image) is in the bundle's training or validation split (docs/splits.csv)",
+    }
+    if overlap:
+        log.warning(
+            "%d of %d images (%d patients) are of patients that trained or tuned this bundle: %s",
+            len(overlap),
+            len(records),
+            refused["patients"],
+            "measured in a separate 'overlap' block, not in the headline"
+            if allow_overlap
+            else "refused (--allow-overlap measures them separately)",
+        )
+    return refused
+
+
+def _bundle_block(bundle: Bundle, bundle_dir: Path) -> dict[str, Any]:
+    return {
+        "path": str(bundle_dir),
+        "name": bundle.name,
+        "version": bundle.version,
+        "sha256": bundle.sha256,
+        "temperature": bundle.temperature,
+        "calibration": bundle.calibration.method if bundle.calibration else "temperature",
+        "calibrated": bundle.calibrated,
+    }
 
 
 def _versus(
