@@ -167,6 +167,11 @@ def _add_run_args(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     p.add_argument("--stop-after", type=int, default=None, help="stop after this epoch (resume later)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write the CPU worker's int8 graph, checked on validation (as the quantize command)",
+    )
+    p.add_argument(
         "--reference-predictions",
         type=Path,
         default=None,
@@ -270,6 +275,7 @@ def _train_config(
         name=args.name,
         version=args.version,
         fp16_export=not args.fp32,
+        int8_export=args.int8,
         reference_predictions=args.reference_predictions,
         notes=args.notes.read_text() if args.notes else "",
         init_from=from_bundle,

@@ -49,6 +49,8 @@ class TrainConfig:
     name: str = "cxr14_densenet121"
     version: str = "0.1.0"
     fp16_export: bool = True
+    # Also write the checked int8 CPU graph (models/model.int8.onnx, as `monai_train quantize` does).
+    int8_export: bool = False
     reference_predictions: Path | None = None
     notes: str = ""
     init_from: Path | None = None  # fine-tuning: bundle the network starts from

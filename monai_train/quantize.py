@@ -27,17 +27,14 @@ def quantize_from_splits(
     threads: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write ``models/model.int8.onnx`` (``worker.inference.quantize``): ``calibration_images`` training
-    images drawn with ``seed`` set the activation ranges, every validation image checks the result.
-    The report adds the validation mean AUROC of both graphs."""
-    from worker.inference.bundle import METADATA, load_bundle
-    from worker.inference.predictor import Predictor
-    from worker.inference.quantize import DEFAULT_TOLERANCE, quantize_bundle
+    """:func:`quantize_records` with the bundle's training and validation images found among ``images``
+    (its ``docs/splits.csv`` names them)."""
+    from worker.inference.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir)
+    labels = load_bundle(bundle_dir).labels
     splits = split_names(bundle_dir)
     records = combine(
-        read_records(i, c, bundle.labels, missing="skip") for i, c in zip(images, labels_csvs, strict=True)
+        read_records(i, c, labels, missing="skip") for i, c in zip(images, labels_csvs, strict=True)
     )
 
     def of(split: str) -> list[Record]:
@@ -46,7 +43,36 @@ def quantize_from_splits(
             raise ValueError(f"none of the bundle's {split} images is in the given folders")
         return recs
 
-    train, val = of("train"), of("val")
+    return quantize_records(
+        bundle_dir,
+        of("train"),
+        of("val"),
+        calibration_images=calibration_images,
+        tolerance=tolerance,
+        threads=threads,
+        seed=seed,
+    )
+
+
+def quantize_records(
+    bundle_dir: Path,
+    train: Sequence[Record],
+    val: Sequence[Record],
+    *,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    tolerance: float | None = None,
+    threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``models/model.int8.onnx`` (``worker.inference.quantize``): ``calibration_images`` of the
+    ``train`` images drawn with ``seed`` set the activation ranges, every ``val`` image checks the result.
+    The report, stored in metadata under ``int8``, adds the validation mean AUROC of both graphs.
+    Raises ``QuantizationRejected`` when the int8 graph disagrees (nothing is written then)."""
+    from worker.inference.bundle import METADATA, load_bundle
+    from worker.inference.predictor import Predictor
+    from worker.inference.quantize import DEFAULT_TOLERANCE, quantize_bundle
+
+    labels = load_bundle(bundle_dir).labels
     rng = np.random.default_rng(seed)
     drawn = rng.choice(len(train), min(calibration_images, len(train)), replace=False)
     picked = [train[i] for i in sorted(drawn)]
@@ -63,7 +89,7 @@ def quantize_from_splits(
     for precision in ("fp32", "int8"):
         predictor = Predictor(load_bundle(bundle_dir), threads=threads, backend="onnx", precision=precision)
         p = np.concatenate([predictor.predict([img]).probabilities for img in val_images])
-        report[f"val_mean_auroc_{precision}"] = round(mean_defined(auroc_per_label(y, p, bundle.labels)), 6)
+        report[f"val_mean_auroc_{precision}"] = round(mean_defined(auroc_per_label(y, p, labels)), 6)
     meta_path = bundle_dir / METADATA
     meta = json.loads(meta_path.read_text())
     meta["int8"] = report

@@ -242,5 +242,25 @@ def train_and_export(splits: Splits, tc: TrainConfig, out_dir: Path) -> TrainRes
     card = model_card(tc, result, summary)
     _export(out_dir, net, cfg, tc, m, card, _training_data(tc, summary, result, skipped, world))
     _write_docs(out_dir, splits, tc, m)
+    if tc.int8_export:
+        _export_int8(out_dir, splits, tc)
     log.info("bundle written to %s: test mean AUROC %s", out_dir, fmt(m.metrics["mean_auroc"]))
     return result
+
+
+def _export_int8(out_dir: Path, splits: Splits, tc: TrainConfig) -> None:
+    """The CPU worker's int8 graph, calibrated on training images and checked on validation; a bundle
+    whose int8 graph disagrees ships without one (the worker then runs fp32)."""
+    from monai_train.quantize import quantize_records
+    from worker.inference.quantize import QuantizationRejected
+
+    try:
+        report = quantize_records(out_dir, splits.train, splits.val, seed=tc.seed)
+    except (QuantizationRejected, ValueError) as exc:  # ValueError: no validation image to check on
+        log.warning("no int8 graph: %s", exc)
+        return
+    log.info(
+        "int8 graph written: largest probability change %.4f on %d validation images",
+        report["max_abs_probability_change"],
+        report["check_images"],
+    )

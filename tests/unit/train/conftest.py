@@ -62,5 +62,6 @@ def trained(tiny_splits: Splits, tmp_path_factory: pytest.TempPathFactory) -> Tr
         seed=0,
         log_every=0,
         version="0.0.1-test",
+        int8_export=True,
     )
     return train_and_export(tiny_splits, tc, out)

@@ -38,15 +38,24 @@ def test_training_lowers_the_loss_and_writes_a_loadable_bundle(trained: TrainRes
         assert (trained.bundle / "docs" / name).is_file()
     reference = json.loads((trained.bundle / "docs/reference_distribution.json").read_text())
     assert set(reference["scores"]) == set(NIH_LABELS)
+    # --int8: the CPU worker's int8 graph, checked on the validation split (its report in metadata).
+    assert (trained.bundle / "models/model.int8.onnx").is_file()
+    assert meta["int8"]["check_images"] == meta["training_data"]["splits"]["val"]["images"]
 
 
 def test_worker_predictor_matches_training_time_evaluation(trained: TrainResult, tiny_splits: Splits) -> None:
     by_name = {r.name: r for r in tiny_splits.test}
     images = [load_image(by_name[n].image) for n in trained.test_names]
-    probs = Predictor(load_bundle(trained.bundle)).predict(images).probabilities
+    bundle = load_bundle(trained.bundle)
+    probs = Predictor(bundle, precision="fp32").predict(images).probabilities
     np.testing.assert_allclose(probs, trained.test_probabilities, atol=1e-3)
     # Tighter in practice: training evaluates the fp16-rounded weights that ship.
     assert float(np.abs(probs - trained.test_probabilities).max()) < 1e-5
+    # The worker's default on a CPU, the int8 graph: within the tolerance its check held it to.
+    worker = Predictor(bundle)
+    assert worker.precision == "int8"
+    int8 = worker.predict(images).probabilities
+    assert float(np.abs(int8 - trained.test_probabilities).max()) <= bundle.metadata["int8"]["tolerance"]
 
 
 def test_evaluate_runs_the_bundle_like_the_worker(
@@ -83,9 +92,12 @@ def test_evaluate_runs_the_bundle_like_the_worker(
             str(tmp_path / "ref.csv"),
             "--threads",
             "1",
+            "--precision",
+            "fp32",  # what training measured; the int8 graph is held to fp32 by its own check
         ]
     )
     m = json.loads(out.read_text())
+    assert m["inference"]["precision"] == "fp32"
     assert m["n_images"] == len(names) and m["bundle"]["version"] == "0.0.1-test"
     # metrics.json's AUROC is sklearn's on the worker's own probabilities.
     with (out.parent / "metrics_predictions.csv").open(newline="") as fh:
