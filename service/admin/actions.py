@@ -15,7 +15,7 @@ from service.admin import uploads
 from service.admin.auth import Principal
 from service.admin.schemas import EchoOut, PeerOut, UploadOut
 from service.core import deliveries, jobs, queue
-from service.core.models import AuditEntry, Delivery, Job, Study
+from service.core.models import AuditEntry, Delivery, Job, Study, StudyPurge
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 from service.core.tls import client_context
@@ -73,6 +73,15 @@ def requeue(
             raise ActionError(404, "job not found")
         if not JobStatus(job.status).is_final:
             raise ActionError(409, f"job is {job.status}; only finished jobs can be requeued")
+        purge = session.get(StudyPurge, job.study_id)
+        study = session.get(Study, job.study_id)
+        if purge is not None and study is not None and purge.purged_at >= study.last_received_at:
+            # Nothing to analyse: the new job would only fail on missing images in the worker.
+            raise ActionError(
+                409,
+                f"the study's images were purged by retention at {purge.purged_at:%Y-%m-%d %H:%M} UTC "
+                "and nothing was received since; send it again from the PACS (or pull it) to analyse it",
+            )
         new = jobs.create(session, job.study_id, job.calling_ae_title, now)
         # Queued before it is sent (see queue.send_queued).
         jobs.transition(session, new.id, JobStatus.QUEUED, expected=[JobStatus.RECEIVED], now=now)

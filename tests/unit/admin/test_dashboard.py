@@ -6,7 +6,7 @@ import io
 import json
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.core.models import AuditEntry, Delivery, Job
+from service.core.models import AuditEntry, Delivery, Job, Study, StudyPurge
 from service.core.settings import Settings
 from service.core.status import DeliveryStatus, JobStatus
 from tests.unit.admin.conftest import ADMIN, T0, VIEWER, make_job
@@ -255,6 +255,25 @@ def test_requeue_creates_a_queued_job_and_enqueues_it(
     assert entry["username"] == ADMIN[0]
     # Only finished jobs: the new one is queued.
     assert admin.post(f"/api/jobs/{new['id']}/requeue").status_code == 409
+
+
+def test_requeue_of_a_purged_study_is_refused_until_it_is_received_again(
+    admin: TestClient, done_job: str, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Retention removed the images: a new job would only fail in the worker on missing files."""
+    with sessions.begin() as s:
+        job = s.get(Job, done_job)
+        assert job is not None
+        study_id = job.study_id
+        s.add(StudyPurge(study_id=study_id, purged_at=datetime.now(UTC), files=1, bytes=10))
+    r = admin.post(f"/api/jobs/{done_job}/requeue")
+    assert r.status_code == 409 and "purged by retention" in r.json()["detail"]
+    assert _messages(settings, "inference") == [] and admin.get("/api/audit").json()["items"] == []
+    with sessions.begin() as s:  # the study arrives again from the PACS
+        study = s.get(Study, study_id)
+        assert study is not None
+        study.last_received_at = datetime.now(UTC) + timedelta(seconds=1)
+    assert admin.post(f"/api/jobs/{done_job}/requeue").status_code == 200
 
 
 def test_cancel_received_or_queued_only(admin: TestClient, sessions: sessionmaker[Session]) -> None:
