@@ -56,6 +56,12 @@ def main() -> None:
         default=None,
         help="the 4 × 4 bundle to compare with (default: a random one of 0.2.1's shape)",
     )
+    parser.add_argument(
+        "--today-precision",
+        choices=("fp32", "auto"),
+        default="fp32",
+        help="fp32: as 0.2.1 ran; auto: its int8 graph too when it has one (like for like)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
@@ -78,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         today_dir = args.today or random_bundle(Path(tmp) / "today", 128, feature_stride=32)
         predictors = {
-            "today": Predictor(load_bundle(today_dir), threads=args.threads, precision="fp32"),
+            "today": Predictor(load_bundle(today_dir), threads=args.threads, precision=args.today_precision),
             "fine": Predictor(load_bundle(args.fine), threads=args.threads),
         }
         if predictors["fine"].precision != "fp32":
