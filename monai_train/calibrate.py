@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,9 @@ from scipy.optimize import minimize
 from monai_train.metrics import expected_calibration_error
 from monai_train.split_file import split_names
 from worker.inference.calibration import Calibration
+
+if TYPE_CHECKING:  # the bundle module pulls in torch and MONAI; the functions import it when they run
+    from worker.inference.bundle import Bundle
 
 log = logging.getLogger("monai_train")
 
@@ -122,7 +125,6 @@ def recalibrate_bundle(
     ``docs/test_predictions.csv`` and ``docs/metrics.json`` are rewritten with the calibrated values.
     """
     from monai_train.data import combine, load_image, read_records
-    from monai_train.metrics import compute_metrics
     from worker.inference.bundle import load_bundle
     from worker.inference.predictor import Predictor
 
@@ -175,47 +177,70 @@ def recalibrate_bundle(
     report["holds_on_test"] = holds
     report["written"] = False
     if write and holds:
-        meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
-        new_points = {
-            lb: before.equivalent_threshold(platt, lb, bundle.operating_points[lb]) for lb in bundle.labels
-        }
-        meta["operating_points"] = new_points
-        if version:
-            meta["version"] = version
-        meta["calibration"] = {
-            **platt.as_metadata(),
-            "fitted_on": report["fitted_on"],
-            "shrink": shrink,
-            "ece_test_before": report["ece_test"]["before"],
-            "ece_test_after": report["ece_test"]["after"],
-            "note": "p = sigmoid(scale * logit + bias) per finding; 'temperature' is superseded",
-        }
-        p_test = platt.probabilities(test_z)
-        metrics = compute_metrics(test_y, p_test, bundle.labels, new_points)
-        old = dict(meta.get("metrics") or {})
-        for key in ("split", "operating_point_method", "validation", "reference_comparison"):
-            if key in old:
-                metrics[key] = old[key]
-        metrics["ece_before_calibration"] = report["ece_test"]["before"]
-        meta["metrics"] = metrics
-        (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (bundle_dir / "docs" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        order = {n: i for i, n in enumerate(test_names)}
-        pred_path = bundle_dir / "docs" / "test_predictions.csv"
-        if pred_path.is_file():
-            with pred_path.open(newline="") as fh:
-                names = [row["Image Index"] for row in csv.DictReader(fh)]
-            names = [n for n in names if n in order] + [n for n in test_names if n not in set(names)]
-        else:
-            names = test_names
-        with pred_path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["Image Index", *(f"prob_{lb}" for lb in bundle.labels)])
-            for name in names:
-                writer.writerow([name, *(f"{v:.6f}" for v in p_test[order[name]])])
-        report["written"] = True
-        report["operating_points"] = new_points
+        _write_calibration(bundle_dir, bundle, before, platt, report, (test_z, test_y, test_names), version)
     return report
+
+
+def _write_calibration(
+    bundle_dir: Path,
+    bundle: Bundle,
+    before: Calibration,
+    platt: Calibration,
+    report: dict[str, Any],
+    test: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], list[str]],
+    version: str | None,
+) -> None:
+    """Store the calibration: metadata (operating points re-expressed on the calibrated scale), metrics
+    and test predictions rewritten with the calibrated values; an int8 graph's check is void now."""
+    from monai_train.metrics import compute_metrics
+    from worker.inference.bundle import INT8_WEIGHTS
+
+    test_z, test_y, test_names = test
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    new_points = {
+        lb: before.equivalent_threshold(platt, lb, bundle.operating_points[lb]) for lb in bundle.labels
+    }
+    meta["operating_points"] = new_points
+    if version:
+        meta["version"] = version
+    meta["calibration"] = {
+        **platt.as_metadata(),
+        "fitted_on": report["fitted_on"],
+        "shrink": report["shrink"],
+        "ece_test_before": report["ece_test"]["before"],
+        "ece_test_after": report["ece_test"]["after"],
+        "note": "p = sigmoid(scale * logit + bias) per finding; 'temperature' is superseded",
+    }
+    p_test = platt.probabilities(test_z)
+    metrics = compute_metrics(test_y, p_test, bundle.labels, new_points)
+    old = dict(meta.get("metrics") or {})
+    for key in ("split", "operating_point_method", "validation", "reference_comparison"):
+        if key in old:
+            metrics[key] = old[key]
+    metrics["ece_before_calibration"] = report["ece_test"]["before"]
+    meta["metrics"] = metrics
+    if meta.pop("int8", None) is not None or (bundle_dir / INT8_WEIGHTS).exists():
+        # Its agreement was measured on the old probabilities: run `monai_train quantize` again.
+        (bundle_dir / INT8_WEIGHTS).unlink(missing_ok=True)
+        report["int8_removed"] = True
+        log.warning("%s: int8 graph removed with the new calibration; run quantize again", bundle_dir)
+    (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (bundle_dir / "docs" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    order = {n: i for i, n in enumerate(test_names)}
+    pred_path = bundle_dir / "docs" / "test_predictions.csv"
+    if pred_path.is_file():
+        with pred_path.open(newline="") as fh:
+            names = [row["Image Index"] for row in csv.DictReader(fh)]
+        names = [n for n in names if n in order] + [n for n in test_names if n not in set(names)]
+    else:
+        names = test_names
+    with pred_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Image Index", *(f"prob_{lb}" for lb in bundle.labels)])
+        for name in names:
+            writer.writerow([name, *(f"{v:.6f}" for v in p_test[order[name]])])
+    report["written"] = True
+    report["operating_points"] = new_points
 
 
 def predictor_logits(predictor: Any, x: Any) -> npt.NDArray[np.float64]:

@@ -114,3 +114,30 @@ def test_shipped_bundle_is_calibrated_and_the_worker_reproduces_its_test_predict
     worker = Predictor(bundle, threads=1)
     assert worker.precision == "int8" and meta["int8"]["max_abs_probability_change"] < 0.02
     np.testing.assert_allclose(worker.predict(images).probabilities, expected, atol=0.02)
+
+
+def test_recalibrating_a_bundle_writes_platt_and_voids_its_int8_graph(
+    trained: TrainResult, small_set: Path, tmp_path: Path
+) -> None:
+    """`monai_train calibrate --write` on a temperature-only bundle: Platt per finding from its own
+    validation split, operating points re-expressed, and the int8 graph (checked against the old
+    probabilities) removed so the worker does not run an unchecked one."""
+    from monai_train.calibrate import recalibrate_bundle
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(trained.bundle, bundle_dir)
+    meta_path = bundle_dir / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("calibration")  # back to the temperature alone
+    meta_path.write_text(json.dumps(meta))
+    assert (bundle_dir / "models/model.int8.onnx").is_file() and "int8" in meta
+    report = recalibrate_bundle(
+        bundle_dir, [small_set / "images"], [small_set / "labels.csv"], write=True, threads=1
+    )
+    assert report["fitted_on"]["split"] == "val" and report["measured_on"]["split"] == "test"
+    after = load_bundle(bundle_dir)
+    assert report["holds_on_test"]  # seeded: the test ECE falls here, so it is written
+    assert report["written"] and report["int8_removed"]
+    assert after.calibration is not None and after.calibration.method == "platt"
+    assert not (bundle_dir / "models/model.int8.onnx").exists() and "int8" not in after.metadata
+    assert Predictor(after).precision == "fp32"
