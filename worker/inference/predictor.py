@@ -143,13 +143,7 @@ class Predictor:
         if self.precision == Precision.INT8 and (backend == Backend.TORCH or not onnx_ok):
             raise ValueError("int8 needs the bundle's models/model.int8.onnx, CAM, the CPU and ONNX Runtime")
         if backend == Backend.AUTO:
-            if not onnx_ok:
-                return Backend.TORCH
-            try:
-                _onnxruntime()
-            except ImportError:
-                return Backend.TORCH
-            return Backend.ONNX
+            return Backend.ONNX if onnx_ok and _onnxruntime_present() else Backend.TORCH
         if backend == Backend.ONNX and not onnx_ok:
             raise ValueError("the ONNX backend needs models/model.onnx, CAM, the CPU and fp32 (or int8)")
         return backend
