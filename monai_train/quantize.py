@@ -3,12 +3,12 @@ checked on its validation images (``docs/splits.csv``); the test split is left f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from monai_train.data import Record, combine, load_image, read_records
 from monai_train.metrics import auroc_per_label, mean_defined
@@ -68,30 +68,27 @@ def quantize_records(
     ``train`` images drawn with ``seed`` set the activation ranges, every ``val`` image checks the result.
     The report, stored in metadata under ``int8``, adds the validation mean AUROC of both graphs.
     Raises ``QuantizationRejected`` when the int8 graph disagrees (nothing is written then)."""
-    from worker.inference.bundle import METADATA, load_bundle
-    from worker.inference.predictor import Predictor
+    from worker.inference.bundle import load_bundle
     from worker.inference.quantize import DEFAULT_TOLERANCE, quantize_bundle
 
     labels = load_bundle(bundle_dir).labels
     rng = np.random.default_rng(seed)
     drawn = rng.choice(len(train), min(calibration_images, len(train)), replace=False)
     picked = [train[i] for i in sorted(drawn)]
-    val_images = [load_image(r.image) for r in val]
-    report = quantize_bundle(
+    y = np.asarray([r.labels for r in val], np.float64)
+
+    def val_auroc(p_fp32: npt.NDArray[np.float32], p_int8: npt.NDArray[np.float32]) -> dict[str, Any]:
+        return {
+            f"val_mean_auroc_{name}": round(mean_defined(auroc_per_label(y, p, labels)), 6)
+            for name, p in (("fp32", p_fp32), ("int8", p_int8))
+        }
+
+    return quantize_bundle(
         bundle_dir,
         [load_image(r.image) for r in picked],
-        val_images,
+        [load_image(r.image) for r in val],
         tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
         threads=threads,
         notes={"calibration_split": "train", "check_split": "val", "seed": seed},
+        measure=val_auroc,
     )
-    y = np.asarray([r.labels for r in val], np.float64)
-    for precision in ("fp32", "int8"):
-        predictor = Predictor(load_bundle(bundle_dir), threads=threads, backend="onnx", precision=precision)
-        p = np.concatenate([predictor.predict([img]).probabilities for img in val_images])
-        report[f"val_mean_auroc_{precision}"] = round(mean_defined(auroc_per_label(y, p, labels)), 6)
-    meta_path = bundle_dir / METADATA
-    meta = json.loads(meta_path.read_text())
-    meta["int8"] = report
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return report

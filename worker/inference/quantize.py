@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,12 @@ def quantize_bundle(
     tolerance: float = DEFAULT_TOLERANCE,
     threads: int = 0,
     notes: dict[str, Any] | None = None,
+    measure: Callable[[NDArray[np.float32], NDArray[np.float32]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``models/model.int8.onnx`` from the bundle's ``models/model.onnx``, calibrated on
     ``calibration`` (display images, as the worker sees them), if on ``check`` no calibrated probability
-    moves by more than ``tolerance``. Returns the agreement report, stored in metadata under ``int8``.
+    moves by more than ``tolerance``. Returns the agreement report, stored in metadata under ``int8``;
+    ``measure(fp32 probabilities, int8 probabilities)`` on the check images adds its own figures to it.
 
     Raises :class:`QuantizationRejected` (and leaves no int8 graph) when the check fails.
     """
@@ -92,13 +94,15 @@ def quantize_bundle(
             calibrate_method=CalibrationMethod.Entropy,
         )
     int8 = Predictor(load_bundle(bundle_dir), threads=threads, backend="onnx", precision=Precision.INT8)
+    found, p_fp32, p_int8 = agreement(fp32, int8, check)
     report = {
-        **agreement(fp32, int8, check),
+        **found,
         "calibration_images": len(calibration),
         "calibration_method": CALIBRATION_METHOD,
         "quantized_ops": ["Conv"],
         "tolerance": tolerance,
         **(notes or {}),
+        **(measure(p_fp32, p_int8) if measure is not None else {}),
     }
     if report["max_abs_probability_change"] > tolerance:
         target.unlink()
@@ -113,23 +117,27 @@ def quantize_bundle(
     return report
 
 
-def agreement(reference: Any, other: Any, images: Sequence[NDArray[np.float32]]) -> dict[str, Any]:
+def agreement(
+    reference: Any, other: Any, images: Sequence[NDArray[np.float32]]
+) -> tuple[dict[str, Any], NDArray[np.float32], NDArray[np.float32]]:
     """How far ``other``'s calibrated probabilities and maps are from ``reference``'s on ``images`` (two
     Predictors of one bundle): the largest and mean probability change, the maps' correlation (median,
-    5th percentile) and how often a map's peak cell is the same."""
-    dp: list[NDArray[np.float32]] = []
+    5th percentile) and how often a map's peak cell is the same; then both sets of probabilities."""
+    probs: tuple[list[NDArray[np.float32]], list[NDArray[np.float32]]] = ([], [])
     corr: list[float] = []
     same_peak: list[bool] = []
     for img in images:
         a, b = reference.predict([img]), other.predict([img])
-        dp.append(np.abs(a.probabilities - b.probabilities))
+        probs[0].append(a.probabilities)
+        probs[1].append(b.probabilities)
         for ma, mb in zip(a.cams[0], b.cams[0], strict=True):
             fa, fb = ma.ravel(), mb.ravel()
             if fa.std() > 0 and fb.std() > 0:
                 corr.append(float(np.corrcoef(fa, fb)[0, 1]))
             same_peak.append(int(fa.argmax()) == int(fb.argmax()))
-    changes = np.concatenate(dp)
-    return {
+    p_ref, p_other = np.concatenate(probs[0]), np.concatenate(probs[1])
+    changes = np.abs(p_ref - p_other)
+    found = {
         "check_images": len(images),
         "max_abs_probability_change": round(float(changes.max()), 6),
         "mean_abs_probability_change": round(float(changes.mean()), 6),
@@ -137,3 +145,4 @@ def agreement(reference: Any, other: Any, images: Sequence[NDArray[np.float32]])
         "map_correlation_p5": round(float(np.percentile(corr, 5)), 6) if corr else None,
         "same_peak_cell": round(float(np.mean(same_peak)), 6),
     }
+    return found, p_ref, p_other

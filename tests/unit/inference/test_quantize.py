@@ -65,7 +65,8 @@ def test_quantize_command_writes_a_checked_int8_graph_that_the_worker_runs(
     fp32 = Predictor(after, threads=1, precision="fp32")
     # The report is what the two graphs do on the check images (recomputed here from the same images).
     val = [load_image(images / name) for name in names[12:18]]
-    again = agreement(fp32, worker, val)
+    again, p_fp32, p_int8 = agreement(fp32, worker, val)
+    assert p_fp32.shape == p_int8.shape == (len(val), 14)
     largest = report["max_abs_probability_change"]
     assert again["max_abs_probability_change"] == pytest.approx(largest, abs=1e-5)
     assert 0 < report["max_abs_probability_change"] <= report["tolerance"]
