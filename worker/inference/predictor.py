@@ -113,7 +113,14 @@ class Predictor:
         else:
             raise ValueError(f"unknown cam_method {cam_method!r}")
         backend = Backend(backend)
-        int8 = cam_method == "cam" and backend != Backend.TORCH and (bundle.path / INT8).is_file()
+        # Chosen by itself only when checked: the graph and its check's report in metadata (quantize writes
+        # the report last, so a run that died half-way leaves an unchecked graph that auto does not pick).
+        int8 = (
+            cam_method == "cam"
+            and backend != Backend.TORCH
+            and (bundle.path / INT8).is_file()
+            and "int8" in bundle.metadata
+        )
         self.precision = resolve_precision(precision, self.device, int8=int8)
         self.backend = self._choose_backend(backend)
         self._session: Any = None

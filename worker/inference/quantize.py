@@ -67,6 +67,8 @@ def quantize_bundle(
     if not (bundle_dir / ONNX_WEIGHTS).is_file():
         raise FileNotFoundError(f"{bundle_dir / ONNX_WEIGHTS} is missing: export the ONNX graph first")
     target = bundle_dir / INT8_WEIGHTS
+    meta_path = bundle_dir / METADATA
+    _set_report(meta_path, None)  # no report while the graph is being made: the worker keeps to fp32
     target.unlink(missing_ok=True)
     fp32 = Predictor(load_bundle(bundle_dir), threads=threads, backend="onnx", precision=Precision.FP32)
     batches = [fp32.prepare([img]).numpy() for img in calibration]
@@ -110,11 +112,19 @@ def quantize_bundle(
             f"int8 graph moves a calibrated probability by {report['max_abs_probability_change']:.3f} "
             f"(> {tolerance}) on {len(check)} check images: not written"
         )
-    meta_path = bundle_dir / METADATA
-    meta = json.loads(meta_path.read_text())
-    meta["int8"] = report
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    _set_report(meta_path, report)
     return report
+
+
+def _set_report(meta_path: Path, report: dict[str, Any] | None) -> None:
+    meta = json.loads(meta_path.read_text())
+    if report is None and "int8" not in meta:
+        return
+    if report is None:
+        del meta["int8"]
+    else:
+        meta["int8"] = report
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def agreement(

@@ -93,3 +93,8 @@ def test_an_int8_graph_that_disagrees_is_not_written(
     assert Predictor(bundle).precision == "fp32"
     with pytest.raises(ValueError, match="int8"):
         Predictor(bundle, precision="int8")
+    # A graph without its check's report (a run that died half-way) is not picked by itself.
+    shutil.copy(bundle_dir / "models" / "model.onnx", bundle_dir / INT8_WEIGHTS)
+    unchecked = load_bundle(bundle_dir)
+    assert Predictor(unchecked).precision == "fp32"
+    assert Predictor(unchecked, precision="int8").precision == "int8"  # asked for by name: it runs
