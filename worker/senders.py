@@ -41,6 +41,7 @@ def sender_for(settings: Settings, target: Target) -> Sender:
         port=target[2],
         calling_ae_title=settings.sender_ae_title,
         tls_context=tls,
+        timeout=settings.delivery_timeout_seconds,
     )
 
 

@@ -33,7 +33,8 @@ from service.core.status import OPEN_DELIVERY_STATUSES, DeliveryStatus
 log = logging.getLogger(__name__)
 
 # How long one C-STORE attempt may take before its delivery is due again (the worker died mid-send).
-# Longer than service.dicomnet.scu.c_store's timeouts (30 s each: association, DIMSE, network) together.
+# Longer than a C-STORE's timeouts together (association, DIMSE, network: delivery_timeout_seconds each,
+# at most 35 s).
 ATTEMPT_LEASE = timedelta(seconds=120)
 # Due deliveries sent per scheduler pass (the rest wait for the next pass, a second later).
 BATCH = 500

@@ -232,6 +232,9 @@ class Settings(BaseSettings):
     delivery_retry_base_seconds: float = Field(default=5.0, ge=0.0)
     delivery_retry_max_seconds: float = Field(default=30.0, gt=0.0)
     delivery_poll_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+    # One C-STORE delivery attempt's limit for each of association, DIMSE answer and network silence; well
+    # under the attempt's lease (service.core.deliveries.ATTEMPT_LEASE, 120 s) so no attempt outlives it.
+    delivery_timeout_seconds: float = Field(default=30.0, gt=0.0, le=35.0)
     # Reconciler (runs in the listener): jobs queued or running longer than this are put back on the queue.
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)
     reconcile_queued_after_seconds: float = Field(default=900.0, gt=0)

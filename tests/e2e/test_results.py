@@ -208,8 +208,15 @@ def test_refusing_destination_dead_letters_and_replay_delivers(
         extra_config={"DicomAlwaysAllowStore": False, "DicomCheckModalityHost": False}
     )
     source = with_fresh_uids(shared_dir / "dicom/chest/sc-pa-jpeg-baseline.dcm", tmp_path / "a.dcm")
-    # Two retries are enough to show retry-then-give-up (the default five take a minute here).
-    with _gateway(tmp_path, pacs, CXR_DELIVERY_MAX_RETRIES="2") as gw:
+    # Two retries are enough to show retry-then-give-up; Orthanc never answers the stores it drops, so
+    # each attempt lasts the delivery timeout (30 s by default).
+    with _gateway(
+        tmp_path,
+        pacs,
+        CXR_DELIVERY_MAX_RETRIES="2",
+        CXR_DELIVERY_TIMEOUT_SECONDS="4",
+        CXR_DELIVERY_RETRY_BASE_SECONDS="1",
+    ) as gw:
         _send(gw, [source])
         gw.wait_for_jobs(
             lambda js: (
