@@ -394,11 +394,20 @@ def _calibrate_parser(sub: Any) -> None:
     cal.add_argument("--threads", type=int, default=0)
 
 
+def _check_pairs(args: argparse.Namespace) -> None:
+    if len(args.images) != len(args.labels):
+        raise SystemExit("give one --labels CSV for each --images folder")
+
+
+def _save_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def _run_calibrate(args: argparse.Namespace) -> None:
     from monai_train.calibrate import recalibrate_bundle
 
-    if len(args.images) != len(args.labels):
-        raise SystemExit("give one --labels CSV for each --images folder")
+    _check_pairs(args)
     report = recalibrate_bundle(
         args.bundle,
         args.images,
@@ -407,9 +416,7 @@ def _run_calibrate(args: argparse.Namespace) -> None:
         threads=args.threads,
         version=args.version,
     )
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    _save_report(args, report)
     e = report["ece_test"]
     print(
         f"test ECE {e['before']} -> {e['after']} ({report['measured_on']['images']} images); "
@@ -440,8 +447,7 @@ def _run_quantize(args: argparse.Namespace) -> None:
     from monai_train.quantize import quantize_from_splits
     from worker.inference.quantize import QuantizationRejected
 
-    if len(args.images) != len(args.labels):
-        raise SystemExit("give one --labels CSV for each --images folder")
+    _check_pairs(args)
     try:
         report = quantize_from_splits(
             args.bundle,
@@ -453,9 +459,7 @@ def _run_quantize(args: argparse.Namespace) -> None:
         )
     except (QuantizationRejected, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    _save_report(args, report)
     print(
         f"wrote models/model.int8.onnx: on {report['check_images']} validation images the largest "
         f"probability change is {report['max_abs_probability_change']:.4f} (mean "
