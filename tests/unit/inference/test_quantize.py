@@ -27,6 +27,12 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def bundle_dir(fp32_bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the fp32 bundle that the test may change."""
+    return Path(shutil.copytree(fp32_bundle, tmp_path / "bundle"))
+
+
 def _dev(shared_dir: Path) -> tuple[Path, Path, list[str]]:
     folder = shared_dir / "data" / "nih-cxr14-dev"
     names = sorted(p.name for p in (folder / "images").glob("*.png"))
@@ -34,10 +40,8 @@ def _dev(shared_dir: Path) -> tuple[Path, Path, list[str]]:
 
 
 def test_quantize_command_writes_a_checked_int8_graph_that_the_worker_runs(
-    fp32_bundle: Path, shared_dir: Path, tmp_path: Path
+    bundle_dir: Path, shared_dir: Path, tmp_path: Path
 ) -> None:
-    bundle_dir = tmp_path / "bundle"
-    shutil.copytree(fp32_bundle, bundle_dir)
     images, labels, names = _dev(shared_dir)
     with (bundle_dir / "docs" / "splits.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -77,11 +81,7 @@ def test_quantize_command_writes_a_checked_int8_graph_that_the_worker_runs(
     assert a.cams.shape == b.cams.shape and not np.array_equal(a.probabilities, b.probabilities)
 
 
-def test_an_int8_graph_that_disagrees_is_not_written(
-    fp32_bundle: Path, shared_dir: Path, tmp_path: Path
-) -> None:
-    bundle_dir = tmp_path / "bundle"
-    shutil.copytree(fp32_bundle, bundle_dir)
+def test_an_int8_graph_that_disagrees_is_not_written(bundle_dir: Path, shared_dir: Path) -> None:
     images, _labels, names = _dev(shared_dir)
     pixels = [load_image(images / name) for name in names[:3]]
     meta = (bundle_dir / "configs" / "metadata.json").read_text()
